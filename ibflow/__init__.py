@@ -1,0 +1,66 @@
+"""ibflow: the exact gradient flow of linear networks and certificates of its implicit bias.
+
+ibflow enables JAX's float64 mode on import (`jax_enable_x64`): the certificates
+need it. Set the environment variable `IBFLOW_NO_X64=1` before importing to opt out.
+"""
+
+import os as _os
+
+import jax as _jax
+
+if not _os.environ.get("IBFLOW_NO_X64"):
+    _jax.config.update("jax_enable_x64", True)
+
+from ._certify import (
+    Certificate as Certificate,
+    NotCovered as NotCovered,
+    certify as certify,
+    implicit_potential as implicit_potential,
+    named_potential as named_potential,
+)
+from ._data import population_error as population_error, sparse_regression as sparse_regression
+from ._flow import (
+    FlowSolution as FlowSolution,
+    GradientFlowProblem as GradientFlowProblem,
+    default_solver as default_solver,
+    gradient_flow as gradient_flow,
+)
+from ._init import (
+    conv_init as conv_init,
+    diagonal_init as diagonal_init,
+    fully_connected_init as fully_connected_init,
+    layer_magnitudes as layer_magnitudes,
+    leaky_relu_init as leaky_relu_init,
+    linear_init as linear_init,
+    scale_shape as scale_shape,
+    tied_diagonal_init as tied_diagonal_init,
+)
+from ._losses import AbstractLoss as AbstractLoss, SquareLoss as SquareLoss
+from ._networks import (
+    AbstractNetwork as AbstractNetwork,
+    ConvNet as ConvNet,
+    DiagonalNet as DiagonalNet,
+    FullyConnectedNet as FullyConnectedNet,
+    LeakyReLUNeuron as LeakyReLUNeuron,
+    Linear as Linear,
+    TensorNet as TensorNet,
+    TiedDiagonalNet as TiedDiagonalNet,
+    as_tensor_net as as_tensor_net,
+)
+from ._potentials import (
+    L2 as L2,
+    AbstractPotential as AbstractPotential,
+    DeepDiagonal as DeepDiagonal,
+    FullyConnectedNeuron as FullyConnectedNeuron,
+    LeakyReLUNeuronPotential as LeakyReLUNeuronPotential,
+    LinearL2 as LinearL2,
+    NTKMatrix as NTKMatrix,
+    TiedDiagonal as TiedDiagonal,
+    UntiedDiagonal as UntiedDiagonal,
+    WeightedL2 as WeightedL2,
+)
+from ._reference import ReferenceSolution as ReferenceSolution, dual_newton as dual_newton, min_l1 as min_l1, min_l2 as min_l2
+from ._results import RESULTS as RESULTS, status_word as status_word
+from ._solver import LinearlyImplicitExtrapolation as LinearlyImplicitExtrapolation
+
+__version__ = "0.1.0"

@@ -1,0 +1,253 @@
+"""Which potential the theory assigns to a network, and certificates that a flow's
+limit is its constrained minimiser.
+
+A certificate is *earned*: it is computed from the solution (KKT stationarity
+residual of the potential at w̃∞, primal residual, distance to an independent
+reference minimiser, invariant drift), compared with stated tolerances, and it
+fails when the flow did not converge or no theorem covers the network.
+"""
+
+import dataclasses
+
+import equinox as eqx
+import jax.numpy as jnp
+import numpy as np
+
+from ._networks import (
+    AbstractNetwork,
+    ConvNet,
+    DiagonalNet,
+    FullyConnectedNet,
+    LeakyReLUNeuron,
+    Linear,
+    TensorNet,
+    TiedDiagonalNet,
+)
+from ._potentials import (
+    L2,
+    AbstractPotential,
+    DeepDiagonal,
+    FullyConnectedNeuron,
+    LeakyReLUNeuronPotential,
+    LinearL2,
+    NTKMatrix,
+    TiedDiagonal,
+    UntiedDiagonal,
+    WeightedL2,
+)
+from ._reference import dual_newton, min_l1
+
+
+class NotCovered(eqx.Module):
+    """No theorem covers this network and initialisation; `reason` says why."""
+
+    reason: str = eqx.field(static=True)
+
+
+def implicit_potential(net: AbstractNetwork) -> AbstractPotential | NotCovered:
+    """The potential that the theory assigns to `net` (its initialisation θ(0)),
+    or `NotCovered(reason)` when no theorem applies.
+
+    Linear: ½‖w − w(0)‖² (§5.5). Two-layer diagonal: Azulay Thm 4.1 / App. B.
+    Deep diagonal: Yun et al. (per-coordinate mirror map). Tied diagonal: Woodworth
+    Thms 1, 3. Fully connected, m = 1, δ ≥ 0: Azulay Thm 6.1; m > 1 with Δ = 0:
+    Prop 6.2. Leaky-ReLU neuron with ρ > 0, δ ≥ 0: Thm 8.1.
+    """
+    tiny = 1e-12
+    if isinstance(net, Linear):
+        return LinearL2(net.w)
+    if isinstance(net, DiagonalNet):
+        if net.depth == 2:
+            up, vp = net.plus
+            um, vm = net.minus
+            Nn = up**2 + vp**2 + um**2 + vm**2
+            w0 = up * vp - um * vm
+            kappa = 0.5 * jnp.sqrt(jnp.maximum(Nn**2 - 4 * w0**2, 0.0))
+            if bool(jnp.any(kappa <= tiny * jnp.maximum(Nn, 1e-300))):
+                i = int(jnp.argmin(kappa / jnp.maximum(Nn, 1e-300)))
+                return NotCovered(
+                    f"kappa_{i} = 0 (one exponential branch absent): the potential is entropy-like "
+                    "and w_i cannot change sign (math.md §2.3); not covered"
+                )
+            return UntiedDiagonal(kappa, jnp.arctanh(2 * w0 / Nn))
+        return DeepDiagonal(net.plus, net.minus)
+    if isinstance(net, TiedDiagonalNet):
+        if net.depth >= 3 and bool(jnp.any((net.plus <= 0) | (net.minus <= 0))):
+            return NotCovered("tied depth >= 3 needs positive initial weights w+(0), w-(0) (Woodworth Thm 3)")
+        return TiedDiagonal(net.plus, net.minus, net.depth)
+    if isinstance(net, FullyConnectedNet):
+        if net.depth > 2:
+            return NotCovered(
+                "deep fully connected regression: no finite-scale potential is implemented "
+                "(Yun et al. Thm 7 needs special initial directions)"
+            )
+        W, a = net.weights[0], net.a
+        w0 = W @ a
+        if float(jnp.linalg.norm(w0)) == 0.0:
+            return NotCovered("w~(0) = 0: Azulay Thm 6.1 / Prop 6.2 need a(0)w(0) != 0")
+        if net.width == 1:
+            delta = a[0] ** 2 - jnp.sum(W**2)
+            if float(delta) < -tiny * float(a[0] ** 2 + jnp.sum(W**2)):
+                return NotCovered(f"delta = a^2 - |w|^2 = {float(delta):.3g} < 0: Azulay Thm 6.1 needs delta >= 0")
+            return FullyConnectedNeuron(jnp.maximum(delta, 0.0), w0)
+        Delta = jnp.outer(a, a) - W.T @ W
+        if float(jnp.linalg.norm(Delta)) <= 1e-10 * float(jnp.sum(a**2) + jnp.sum(W**2)):
+            return FullyConnectedNeuron(jnp.zeros(()), w0)
+        return NotCovered(
+            f"fully connected with m = {net.width} > 1 and Delta != 0 at finite scale: no theorem "
+            "(Azulay §6); Thm 6.3 gives min-l2 only as the scale -> 0 (force --potential l2)"
+        )
+    if isinstance(net, LeakyReLUNeuron):
+        if net.slope <= 0:
+            return NotCovered("ReLU (slope 0): no implicit regulariser exists (Vardi & Shamir 2021); Thm 8.1 needs rho > 0")
+        delta = net.a**2 - jnp.sum(net.w**2)
+        if float(delta) < -tiny * float(net.a**2 + jnp.sum(net.w**2)):
+            return NotCovered(f"delta = a^2 - |w|^2 = {float(delta):.3g} < 0: Azulay Thm 8.1 needs delta >= 0")
+        w0 = net.a * net.w
+        if float(jnp.linalg.norm(w0)) == 0.0:
+            return NotCovered("a(0)w(0) = 0: Azulay Thm 8.1 needs a non-zero initial predictor")
+        return LeakyReLUNeuronPotential(jnp.maximum(delta, 0.0), w0, float(net.slope), float(jnp.sign(net.a)))
+    if isinstance(net, (ConvNet, TensorNet)):
+        return NotCovered(
+            f"{type(net).__name__} regression: the transformed-space potential is not implemented "
+            "(complex DFT coordinates: real kernels give a non-Hessian metric unless rho(0) = 0)"
+        )
+    return NotCovered(f"no theorem known for {type(net).__name__}")
+
+
+def named_potential(name: str, net: AbstractNetwork) -> AbstractPotential | NotCovered | str:
+    """A potential by name, for negative controls: `implicit` (the theory's), `l2`,
+    `l2-init` (about w̃(0)), `ntk` (tangent-kernel norm at init), `l1` (returned as the
+    string "l1": certified through its linear program)."""
+    if name in (None, "implicit"):
+        return implicit_potential(net)
+    if name == "l1":
+        return "l1"
+    if name == "l2":
+        return L2()
+    if name == "l2-init":
+        return LinearL2(net.predictor())
+    if name == "ntk":
+        k = net.predictor_kernel_diagonal() if net.is_linear else None
+        if k is not None:
+            return WeightedL2(k, net.predictor())
+        if isinstance(net, FullyConnectedNet) and net.depth == 2 and net.width == 1:
+            w, a = net.weights[0][:, 0], net.a[0]
+            return NTKMatrix(a**2 * jnp.eye(w.shape[0]) + jnp.outer(w, w), a * w)
+        if isinstance(net, LeakyReLUNeuron):
+            return NTKMatrix(net.a**2 * jnp.eye(net.dim) + jnp.outer(net.w, net.w), net.a * net.w)
+        return NotCovered(f"no NTK potential implemented for {type(net).__name__}")
+    raise ValueError(f"unknown potential {name!r}; choose from implicit, l1, l2, l2-init, ntk")
+
+
+@dataclasses.dataclass
+class Certificate:
+    """Whether, and how precisely, a flow's limit minimises the potential.
+
+    - `potential`, `source`: the potential's name and provenance.
+    - `applicable`, `reason`: whether a theorem covers the network (and why not).
+    - `flow_status`: the solve's status; anything but `converged` fails.
+    - `primal_residual`: `‖Xw∞ − y'‖/‖y'‖`.
+    - `kkt_residual`: `‖(I − P_X)∇Q(w∞)‖/‖∇Q(w∞)‖` (P_X: projection on the row space of X),
+      with `nu` the least-squares multiplier of `∇Q(w∞) = Xᵀν`.
+    - `reference_distance`: `‖w∞ − w_ref‖/‖w_ref‖`, w_ref from the dual Newton solve
+      (or the LP for ℓ1), `reference_converged` its own convergence flag.
+    - `invariant_drift`: relative drift of the conserved quantities (balancedness).
+    - `tolerances`: the thresholds used; `passed`: all of the above within them.
+    """
+
+    potential: str
+    source: str
+    applicable: bool
+    reason: str
+    flow_status: str
+    primal_residual: float = float("nan")
+    kkt_residual: float = float("nan")
+    reference_distance: float = float("nan")
+    reference_converged: bool = False
+    invariant_drift: float = float("nan")
+    nu: list | None = None
+    reference: list | None = None
+    tolerances: dict = dataclasses.field(default_factory=dict)
+    passed: bool = False
+
+    def to_dict(self, include_vectors: bool = False) -> dict:
+        d = dataclasses.asdict(self)
+        if not include_vectors:
+            d.pop("reference")
+        for k, v in d.items():
+            if isinstance(v, float) and not np.isfinite(v):
+                d[k] = None
+        return d
+
+
+DEFAULT_TOLERANCES = dict(kkt=1e-7, reference=1e-7, primal=1e-8, drift=1e-7)
+
+
+def certify(solution, X, y, *, initial: AbstractNetwork, potential=None, tolerances: dict | None = None
+            ) -> Certificate:
+    """Certify that `solution` (a converged `FlowSolution`) minimises the implicit-bias
+    potential of `initial` (or the potential named / given by `potential`).
+
+    Default tolerances (math.md §7: float64 agreement 1e-12 to 1e-8; asserts at 1e-7):
+    `kkt ≤ 1e-7`, `reference ≤ 1e-7`, `primal ≤ 1e-8`, `drift ≤ 1e-7`.
+    """
+    tol = dict(DEFAULT_TOLERANCES, **(tolerances or {}))
+    X = np.asarray(X, dtype=float)
+    y = np.asarray(y, dtype=float)
+    pot = potential if isinstance(potential, AbstractPotential) else named_potential(potential, initial)
+    status = solution.status
+    drift = float(solution.invariant_drift)
+    if isinstance(pot, NotCovered):
+        return Certificate("none", "", False, pot.reason, status, invariant_drift=drift, tolerances=tol)
+    w = np.asarray(solution.predictor, dtype=float)
+    if pot == "l1":
+        name, source = "l1", "min l1 interpolator (rich limit; Woodworth et al. 2020, Azulay §7.1)"
+        ref, nu_lp = min_l1(X, y)
+        s = X.T @ nu_lp
+        if np.dot(s, np.sign(ref)) < 0:
+            s = -s
+        supp = np.abs(w) > 1e-6 * np.max(np.abs(w))
+        viol = np.concatenate([s[supp] - np.sign(w[supp]), np.maximum(np.abs(s[~supp]) - 1, 0)])
+        kkt = float(np.linalg.norm(viol) / np.sqrt(w.size))
+        ref_ok = True
+        yt = y
+        nu = nu_lp
+    else:
+        name, source = pot.name, pot.source
+        yt = np.asarray(pot.transform_labels(jnp.asarray(y)))
+        grad = np.asarray(pot.mirror(jnp.asarray(w)))
+        nu, *_ = np.linalg.lstsq(X.T, grad, rcond=None)
+        gnorm = np.linalg.norm(grad)
+        kkt = float(np.linalg.norm(grad - X.T @ nu) / gnorm) if gnorm > 0 else 0.0
+        refsol = dual_newton(pot, X, yt)
+        ref = np.asarray(refsol.w)
+        ref_ok = bool(refsol.converged)
+    primal = float(np.linalg.norm(X @ w - yt) / max(np.linalg.norm(yt), 1e-300))
+    dist = float(np.linalg.norm(w - ref) / max(np.linalg.norm(ref), 1e-300))
+    checks = [
+        status == "converged",
+        np.isfinite(kkt) and kkt <= tol["kkt"],
+        np.isfinite(dist) and dist <= tol["reference"] and ref_ok,
+        np.isfinite(primal) and primal <= tol["primal"],
+        np.isfinite(drift) and drift <= tol["drift"],
+    ]
+    labels = ["flow did not converge (status: %s)" % status, "KKT residual above tolerance",
+              "reference distance above tolerance (or reference not converged)",
+              "primal residual above tolerance", "invariant drift above tolerance"]
+    return Certificate(
+        potential=name,
+        source=source,
+        applicable=True,
+        reason="; ".join(lab for lab, ok in zip(labels, checks) if not ok),
+        flow_status=status,
+        primal_residual=primal,
+        kkt_residual=kkt,
+        reference_distance=dist,
+        reference_converged=ref_ok,
+        invariant_drift=drift,
+        nu=[float(v) for v in np.ravel(nu)],
+        reference=[float(v) for v in ref],
+        tolerances=tol,
+        passed=bool(all(checks)),
+    )

@@ -1,0 +1,174 @@
+"""The `ibflow` command line.
+
+`ibflow run --data D.npz --net {diagonal,diagonal-tied,fc,conv,leaky-relu,linear}
+[--depth L] [--width M] [--slope RHO] (--alpha A --shape S [--seed K] | --init P.npz)
+[--loss square] [--certify [--potential NAME]] --out R.json`
+
+Bad input exits with status 2 and a one-line message; a flow that does not
+converge writes R.json with its status and exits with status 1.
+"""
+
+import argparse
+import json
+import sys
+import time
+
+import numpy as np
+
+from ._io import NETS, InputError, load_data, network_from_file, network_from_scale_shape
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, no usage dump
+        sys.stderr.write(f"ibflow: error: {message}\n")
+        sys.exit(2)
+
+
+def _fail(msg, code=2):
+    sys.stderr.write(f"ibflow: error: {msg}\n")
+    return code
+
+
+def _add_flow_options(p):
+    p.add_argument("--rtol", type=float, default=1e-10, help="solver relative tolerance")
+    p.add_argument("--atol", type=float, default=1e-12, help="solver absolute tolerance")
+    p.add_argument("--loss-rtol", type=float, default=1e-24,
+                   help="stop when loss <= loss_rtol * initial loss (default 1e-24)")
+    p.add_argument("--max-steps", type=int, default=20_000)
+
+
+def _add_net_options(p):
+    p.add_argument("--net", required=True, choices=NETS)
+    p.add_argument("--depth", type=int, default=None, help="depth L >= 2 (default 2)")
+    p.add_argument("--width", type=int, default=1, help="hidden width m (fc)")
+    p.add_argument("--slope", type=float, default=0.2, help="leaky-ReLU slope rho")
+
+
+def build_parser():
+    parser = _Parser(prog="ibflow", description="Exact gradient flow of linear networks, certified.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    run = sub.add_parser("run", help="solve one gradient flow and write R.json")
+    run.add_argument("--data", required=True)
+    _add_net_options(run)
+    run.add_argument("--alpha", type=float)
+    run.add_argument("--shape", type=float, default=None)
+    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--init", default=None, help="P.npz of initial parameters")
+    run.add_argument("--loss", default="square", choices=["square"])
+    run.add_argument("--certify", action="store_true")
+    run.add_argument("--potential", default=None, help="force a named potential (negative controls)")
+    run.add_argument("--out", required=True)
+    _add_flow_options(run)
+
+    demo = sub.add_parser("demo", help="small certified scale-vs-shape sweep with a table and a figure")
+    demo.add_argument("--out", default="ibflow-demo")
+    demo.add_argument("--dim", type=int, default=100)
+    demo.add_argument("--samples", type=int, default=30)
+
+    return parser
+
+
+def _initial_network(args, d):
+    depth = args.depth
+    if depth is not None and depth < 2:
+        raise InputError(f"--depth must be >= 2, got {depth}")
+    if args.width is not None and args.width < 1:
+        raise InputError(f"--width must be >= 1, got {args.width}")
+    if not (0 <= args.slope < 1):
+        raise InputError(f"--slope must lie in [0, 1), got {args.slope}")
+    if args.init is not None:
+        if args.alpha is not None:
+            raise InputError("give either --init or --alpha/--shape, not both")
+        return network_from_file(args.net, args.init, d, depth=depth, slope=args.slope)
+    if args.alpha is None:
+        raise InputError("give --alpha (and --shape) or --init")
+    shape = args.shape if args.shape is not None else 0.0
+    return network_from_scale_shape(args.net, d, args.alpha, shape, depth=depth or 2,
+                                    width=args.width, slope=args.slope, seed=args.seed)
+
+
+def _jsonable(x):
+    a = np.asarray(x)
+    if a.ndim == 0:
+        v = a.item()
+        return v if not isinstance(v, float) or np.isfinite(v) else str(v)
+    return [_jsonable(v) for v in a]
+
+
+def cmd_run(args) -> int:
+    import jax
+
+    from ._flow import gradient_flow
+
+    data = load_data(args.data)
+    X, y = data["X"], data["y"]
+    net0 = _initial_network(args, X.shape[1])
+    if args.potential is not None and not args.certify:
+        raise InputError("--potential needs --certify")
+    t0 = time.perf_counter()
+    sol = gradient_flow(net0, X, y, rtol=args.rtol, atol=args.atol, loss_rtol=args.loss_rtol,
+                        max_steps=args.max_steps, throw=False)
+    jax.block_until_ready(sol.predictor)
+    wall = time.perf_counter() - t0
+    w = np.asarray(sol.predictor)
+    out = dict(
+        net=args.net,
+        predictor=_jsonable(w),
+        loss=float(sol.loss),
+        loss0=float(sol.loss0),
+        loss_target=float(sol.loss_target),
+        t_end=_jsonable(sol.t_end),
+        num_steps=int(sol.num_steps),
+        num_rejected_steps=int(sol.num_rejected_steps),
+        num_fevals=int(sol.num_fevals) if np.isfinite(sol.num_fevals) else None,
+        invariant_drift=float(sol.invariant_drift),
+        status=sol.status,
+        wall_seconds=wall,
+    )
+    if args.init is None:
+        out.update(alpha=args.alpha, shape=args.shape if args.shape is not None else 0.0, seed=args.seed)
+    if "X_test" in data:
+        pred = np.asarray(sol.network.outputs(data["X_test"]))
+        out["test_error"] = float(np.mean((pred - data["y_test"]) ** 2))
+    if "w_star" in data:
+        out["population_error"] = float(np.sum((w - data["w_star"]) ** 2))
+    if args.certify:
+        from ._certify import certify
+
+        cert = certify(sol, X, y, initial=net0, potential=args.potential)
+        out["certificate"] = cert.to_dict()
+        if not cert.applicable:
+            sys.stderr.write(f"ibflow: certificate not applicable: {cert.reason}\n")
+    with open(args.out, "w") as f:
+        json.dump(out, f, indent=1)
+    if sol.status != "converged":
+        return _fail(f"gradient flow did not converge (status: {sol.status}); see {args.out}", code=1)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from ._demo import demo
+
+    demo(out=args.out, dim=args.dim, samples=args.samples)
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "run":
+            return cmd_run(args)
+        if args.command == "demo":
+            return cmd_demo(args)
+    except InputError as e:
+        return _fail(str(e))
+    except Exception as e:  # noqa: BLE001 - the CLI never shows a bare traceback
+        msg = str(e).strip().splitlines()
+        return _fail(f"{type(e).__name__}: {msg[0] if msg else ''}", code=1)
+    return _fail(f"unknown command {args.command}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,250 @@
+"""The exact gradient flow `dθ/dt = −∇_θ L(θ)`, solved with diffrax to certified convergence.
+
+Time is the flow's own time t for the loss as given (square loss: 1/(2N)
+normalisation, Azulay et al. 2021 §2). The solve stops when the loss has fallen
+to `max(loss_rtol·L(θ(0)), loss floor)` (default `loss_rtol = 1e-24`); diffrax's
+vector-field steady-state event alone is not used because it fires on the long
+plateaus of small-initialisation flows.
+"""
+
+import diffrax as dfx
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jax.flatten_util import ravel_pytree
+from jaxtyping import Array, Float
+
+from ._losses import AbstractLoss, SquareLoss
+from ._networks import AbstractNetwork
+from ._results import RESULTS, status_word
+from ._solver import LinearlyImplicitExtrapolation
+
+
+class GradientFlowProblem(eqx.Module):
+    """A network's trainable parameters, its frozen part, the data and the loss.
+
+    Passed as `args` to diffrax; provides the vector field `−∇L` and the
+    Gauss–Newton factor used by `LinearlyImplicitExtrapolation`.
+    """
+
+    frozen: AbstractNetwork
+    X: Float[Array, "N d"]
+    y: Float[Array, " N"]
+    loss: AbstractLoss
+    target: Float[Array, ""]
+
+    def network(self, params) -> AbstractNetwork:
+        return eqx.combine(params, self.frozen)
+
+    def loss_value(self, params):
+        return self.loss(self.network(params).outputs(self.X), self.y)
+
+    def gradient(self, params):
+        return jax.grad(self.loss_value)(params)
+
+    def gauss_newton(self, params):
+        """The Gauss–Newton factor `G = C^{1/2} J` (J: `(N, P)` Jacobian of the outputs
+        w.r.t. the flattened parameters, C: loss curvature), as
+        `(K, apply, apply_T)` with `K = GGᵀ` (N×N), `apply(b) = Gb`, `apply_T(z) = Gᵀz`.
+
+        For linear networks with a diagonal predictor kernel (diagonal, tied, linear)
+        K costs O(N²d) and G is applied by one jvp/vjp of w̃; otherwise J is formed
+        by N reverse-mode passes. A P×P matrix is never formed.
+        """
+        flat, unravel = ravel_pytree(params)
+        net = self.network(params)
+        F0 = net.outputs(self.X)
+        c = jnp.sqrt(self.loss.curvature(F0, self.y))
+        kdiag = net.predictor_kernel_diagonal() if net.is_linear else None
+        if kdiag is not None:
+            Xc = c[:, None] * self.X
+            K = (Xc * kdiag) @ Xc.T
+            w_fn = lambda v: self.network(unravel(v)).predictor()
+            _, jvp = jax.linearize(w_fn, flat)
+            vjp = jax.linear_transpose(jvp, flat)
+            return K, lambda b: Xc @ jvp(b), lambda z: vjp(Xc.T @ z)[0]
+        F = lambda v: self.network(unravel(v)).outputs(self.X)
+        G = c[:, None] * jax.jacrev(F)(flat)
+        return G @ G.T, lambda b: G @ b, lambda z: G.T @ z
+
+
+def _vector_field(t, params, problem: GradientFlowProblem):
+    return jax.tree_util.tree_map(jnp.negative, problem.gradient(params))
+
+
+def _converged(t, params, problem: GradientFlowProblem, **kwargs):
+    return problem.loss_value(params) <= problem.target
+
+
+class FlowSolution(eqx.Module):
+    """Result of `gradient_flow`.
+
+    **Fields:**
+
+    - `network`: the network at the final time (parameters θ(t_end)).
+    - `predictor`: w̃(θ(t_end)).
+    - `loss`, `loss0`, `loss_target`: final, initial and target loss.
+    - `t_end`: final flow time.
+    - `num_steps`, `num_accepted_steps`, `num_rejected_steps`, `num_fevals`.
+    - `invariant_drift`: max |I(θ(t_end)) − I(θ(0))| / max(1, max |I(θ(0))|) over
+      the network's conserved quantities (balancedness).
+    - `result`: a `RESULTS` item; `status` gives its one-word name.
+    - `ts`, `trajectory_loss`, `trajectory_predictor`: the trajectory at the
+      requested `save_ts` (inf where the flow stopped before that time), or None.
+    """
+
+    network: AbstractNetwork
+    predictor: Float[Array, "... d"]
+    loss: Float[Array, "..."]
+    loss0: Float[Array, "..."]
+    loss_target: Float[Array, "..."]
+    t_end: Float[Array, "..."]
+    num_steps: Array
+    num_accepted_steps: Array
+    num_rejected_steps: Array
+    num_fevals: Array
+    invariant_drift: Float[Array, "..."]
+    result: RESULTS
+    ts: Array | None = None
+    trajectory_loss: Array | None = None
+    trajectory_predictor: Array | None = None
+
+    @property
+    def status(self) -> str:
+        """One-word status (`"converged"`, `"max_steps"`, …) of an unbatched solution."""
+        return status_word(self.result)
+
+    @property
+    def converged(self):
+        return self.result == RESULTS.successful
+
+
+def default_solver():
+    """The default stiff solver (`LinearlyImplicitExtrapolation(order_k=5)`)."""
+    return LinearlyImplicitExtrapolation(order_k=5)
+
+
+@eqx.filter_jit
+def gradient_flow(
+    net: AbstractNetwork,
+    X,
+    y,
+    *,
+    loss: AbstractLoss = SquareLoss(),
+    solver: dfx.AbstractSolver | None = None,
+    rtol: float = 1e-10,
+    atol: float = 1e-12,
+    loss_rtol: float = 1e-24,
+    t_max: float = jnp.inf,
+    dt0: float | None = None,
+    max_steps: int = 20_000,
+    save_ts: Array | None = None,
+    throw: bool = True,
+) -> FlowSolution:
+    """Solve the exact gradient flow `dθ/dt = −∇L(θ)` from `net` to certified convergence.
+
+    **Arguments:**
+
+    - `net`: the initial network θ(0) (any `AbstractNetwork`).
+    - `X`: data, shape `(N, d)`, rows are samples. `y`: labels, shape `(N,)`.
+    - `loss`: the training loss (default `SquareLoss()`, 1/(2N) normalisation).
+    - `solver`: any diffrax solver; default `LinearlyImplicitExtrapolation(5)`
+      (stiff, Woodbury linear algebra). `diffrax.Kvaerno5()` (dense Jacobian) and
+      explicit solvers such as `diffrax.Tsit5()` give a "pure" reference mode.
+    - `rtol`, `atol`: tolerances of diffrax's `PIDController`.
+    - `loss_rtol`: stop when `L(θ) ≤ max(loss_rtol·L(θ(0)), loss.floor(y))`.
+    - `t_max`: time horizon (default ∞); reaching it unconverged is `not_converged`.
+    - `max_steps`: step budget; exhausting it is `max_steps`.
+    - `save_ts`: optional increasing times at which loss and predictor are recorded.
+    - `throw`: raise on any outcome but convergence (default). With `throw=False`
+      the outcome is in `solution.result` / `solution.status`.
+
+    **Returns:** a `FlowSolution`.
+
+    Works under `jax.jit`, `jax.vmap` and `jit(vmap)` over the network's arrays
+    (e.g. an α × s grid of initialisations). A vmapped adaptive solve steps all
+    members together until the slowest one has converged.
+    """
+    X = jnp.asarray(X)
+    y = jnp.asarray(y)
+    if X.ndim != 2 or y.ndim != 1 or X.shape[0] != y.shape[0]:
+        raise ValueError(f"X must be (N, d) and y (N,) with the same N; got {X.shape} and {y.shape}")
+    if X.shape[1] != net.dim:
+        raise ValueError(f"X has d = {X.shape[1]} columns but the network has input dimension {net.dim}")
+    if solver is None:
+        solver = default_solver()
+    X = eqx.error_if(X, ~jnp.all(jnp.isfinite(X)), "X contains NaN or inf")
+    y = eqx.error_if(y, ~jnp.all(jnp.isfinite(y)), "y contains NaN or inf")
+
+    params, frozen = eqx.partition(net, net.trainable())
+    probe = GradientFlowProblem(frozen, X, y, loss, jnp.zeros((), X.dtype))
+    loss0 = probe.loss_value(params)
+    target = jnp.maximum(loss_rtol * loss0, loss.floor(y))
+    problem = GradientFlowProblem(frozen, X, y, loss, target)
+
+    if save_ts is None:
+        saveat = dfx.SaveAt(t1=True)
+    else:
+        save_fn = lambda t, p, prob: (prob.loss_value(p), prob.network(p).predictor())
+        saveat = dfx.SaveAt(subs=[dfx.SubSaveAt(t1=True), dfx.SubSaveAt(ts=save_ts, fn=save_fn)])
+
+    sol = dfx.diffeqsolve(
+        dfx.ODETerm(_vector_field),
+        solver,
+        t0=0.0,
+        t1=t_max,
+        dt0=dt0,
+        y0=params,
+        args=problem,
+        stepsize_controller=dfx.PIDController(rtol=rtol, atol=atol),
+        event=dfx.Event(_converged),
+        saveat=saveat,
+        max_steps=max_steps,
+        throw=False,
+    )
+    if save_ts is None:
+        final_params, ts, traj = sol.ys, None, (None, None)
+    else:
+        final_params, (ts, traj) = sol.ys[0], (sol.ts[1], sol.ys[1])
+    final_params = jax.tree_util.tree_map(lambda a: a[-1], final_params)
+    t_end = sol.ts[-1] if save_ts is None else sol.ts[0][-1]
+
+    final = eqx.combine(final_params, frozen)
+    loss_end = problem.loss_value(final_params)
+    result = RESULTS.promote(sol.result)
+    result = RESULTS.where(result == RESULTS.event_occurred, RESULTS.successful, result)
+    # Reaching t_max without the stopping event is not convergence.
+    result = RESULTS.where(
+        (sol.result == dfx.RESULTS.successful) & (loss_end > target), RESULTS.not_converged, result
+    )
+    flat_end, _ = ravel_pytree(final_params)
+    finite = jnp.all(jnp.isfinite(flat_end)) & jnp.isfinite(loss_end)
+    result = RESULTS.where(finite, result, RESULTS.nonfinite_flow)
+
+    inv0, inv1 = net.invariants(), final.invariants()
+    if inv0.size:
+        drift = jnp.max(jnp.abs(inv1 - inv0)) / jnp.maximum(1.0, jnp.max(jnp.abs(inv0)))
+    else:
+        drift = jnp.zeros((), X.dtype)
+
+    evals_per_step = getattr(solver, "vector_field_evaluations_per_step", jnp.nan)
+    out = FlowSolution(
+        network=final,
+        predictor=final.predictor(),
+        loss=loss_end,
+        loss0=loss0,
+        loss_target=target,
+        t_end=t_end,
+        num_steps=sol.stats["num_steps"],
+        num_accepted_steps=sol.stats["num_accepted_steps"],
+        num_rejected_steps=sol.stats["num_rejected_steps"],
+        num_fevals=sol.stats["num_steps"] * evals_per_step,
+        invariant_drift=drift,
+        result=result,
+        ts=ts,
+        trajectory_loss=traj[0],
+        trajectory_predictor=traj[1],
+    )
+    if throw:
+        out = result.error_if(out, result != RESULTS.successful)
+    return out
