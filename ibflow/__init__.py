@@ -60,7 +60,12 @@ from ._potentials import (
     WeightedL2 as WeightedL2,
 )
 from ._reference import ReferenceSolution as ReferenceSolution, dual_newton as dual_newton, min_l1 as min_l1, min_l2 as min_l2
-from ._results import RESULTS as RESULTS, status_word as status_word
+from ._results import RESULTS as RESULTS, status_word as status_word, status_words as status_words
+from ._structure import (
+    hessian_map_violation as hessian_map_violation,
+    predictor_metric as predictor_metric,
+    tangent_metric_inverse as tangent_metric_inverse,
+)
 from ._solver import LinearlyImplicitExtrapolation as LinearlyImplicitExtrapolation
 
 __version__ = "0.1.0"

@@ -37,6 +37,10 @@ class AbstractPotential(eqx.Module):
     def inverse_mirror(self, v: Float[Array, " d"]) -> Float[Array, " d"]:
         """φ⁻¹(v); non-finite outside the range of φ."""
 
+    def value(self, w: Float[Array, " d"]) -> Float[Array, ""]:
+        """Q(w), where a closed form is known (else NotImplementedError)."""
+        raise NotImplementedError(f"{type(self).__name__} has no closed-form value")
+
     def transform_labels(self, y):
         """Labels y' of the constraint `X w = y'` (identity except leaky-ReLU)."""
         return y
@@ -75,6 +79,9 @@ class LinearL2(AbstractPotential):
     source = "Vardi (CACM 2023), linear regression; math.md §5.5"
     w0: Float[Array, " d"]
 
+    def value(self, w):
+        return 0.5 * jnp.sum((w - self.w0) ** 2)
+
     def mirror(self, w):
         return w - self.w0
 
@@ -88,6 +95,9 @@ class L2(AbstractPotential):
 
     name = "l2"
     source = "Woodworth et al. 2020 (α → ∞); Azulay et al. 2021 Thm 6.3"
+
+    def value(self, w):
+        return 0.5 * jnp.sum(w**2)
 
     def mirror(self, w):
         return w
@@ -106,6 +116,9 @@ class WeightedL2(AbstractPotential):
     k: Float[Array, " d"]
     w0: Float[Array, " d"]
 
+    def value(self, w):
+        return 0.5 * jnp.sum((w - self.w0) ** 2 / self.k)
+
     def mirror(self, w):
         return (w - self.w0) / self.k
 
@@ -123,6 +136,9 @@ class NTKMatrix(AbstractPotential):
     separable: ClassVar[bool] = False
     Binv: Float[Array, "d d"]
     w0: Float[Array, " d"]
+
+    def value(self, w):
+        return 0.5 * (w - self.w0) @ jnp.linalg.solve(self.Binv, w - self.w0)
 
     def mirror(self, w):
         return jnp.linalg.solve(self.Binv, w - self.w0)
@@ -153,6 +169,11 @@ class UntiedDiagonal(AbstractPotential):
     source = "Azulay et al. ICML 2021, Thm 4.1 and App. B; math.md §2.2-§2.3, §6"
     kappa: Float[Array, " d"]
     c: Float[Array, " d"]
+
+    def value(self, w):
+        # Q_i(w) = ½[w arcsinh(w/κ) − √(w² + κ²) + κ] − (w/2) c   (math.md §2.3)
+        k = self.kappa
+        return jnp.sum(0.5 * (w * jnp.arcsinh(w / k) - jnp.sqrt(w**2 + k**2) + k) - 0.5 * w * self.c)
 
     def mirror(self, w):
         return 0.5 * (jnp.arcsinh(w / self.kappa) - self.c)
@@ -294,6 +315,12 @@ class FullyConnectedNeuron(AbstractPotential):
     def _qhat_prime(self, x):
         d = self.delta
         return 1.5 * jnp.sqrt(jnp.sqrt(x**2 + d**2 / 4) - d / 2)
+
+    def value(self, w):
+        # q̂_δ(x) = (x² − (δ/2)(δ/2 + √(x² + δ²/4)))·√(√(x² + δ²/4) − δ/2)/x  (Thm 6.1)
+        d, x = self.delta, jnp.linalg.norm(w)
+        r = jnp.sqrt(x**2 + d**2 / 4)
+        return (x**2 - (d / 2) * (d / 2 + r)) * jnp.sqrt(r - d / 2) / x + self.z @ w
 
     @property
     def z(self):

@@ -2,6 +2,7 @@
 
 import diffrax as dfx
 import equinox as eqx
+import numpy as np
 
 
 class RESULTS(dfx.RESULTS):  # pyright: ignore
@@ -15,6 +16,11 @@ class RESULTS(dfx.RESULTS):  # pyright: ignore
         "The time horizon `t_max` was reached before the loss fell below its target."
     )
     nonfinite_flow = "The flow produced a non-finite (NaN/inf) parameter or loss."
+    stalled = (
+        "Most steps were rejected until the step budget ran out: the vector field is probably "
+        "non-smooth along the flow (e.g. sliding on a leaky-ReLU kink, where the exact flow is a "
+        "Filippov solution) or the flow is diverging."
+    )
     invalid_input = "The input contained a non-finite value or violated a precondition."
 
 
@@ -27,6 +33,7 @@ _STATUS_WORDS = {
     "max_steps_rejected": "stalled",
     "internal_error": "internal_error",
     "not_converged": "not_converged",
+    "stalled": "stalled",
     "nonfinite_flow": "nonfinite",
     "singular": "nonfinite",
     "nonfinite_input": "nonfinite",
@@ -45,6 +52,14 @@ def status_word(result) -> str:
     """The one-word status of a (concrete, unbatched) `RESULTS` value."""
     name = _item_name(result)
     return _STATUS_WORDS.get(name, name)
+
+
+def status_words(result) -> np.ndarray:
+    """One-word statuses of a (possibly batched, concrete) `RESULTS` value, as a str array."""
+    index = {int(item._value): _STATUS_WORDS.get(name, name)  # pyright: ignore
+             for name, item in RESULTS._name_to_item.items()}  # pyright: ignore
+    values = np.asarray(result._value)  # pyright: ignore
+    return np.vectorize(index.__getitem__, otypes=[object])(values).astype(str)
 
 
 STATUS_CODES = {

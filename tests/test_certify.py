@@ -1,0 +1,117 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import ibflow as ib
+from helpers import CATALOGUE, RTOL_LIMIT, problem, rel
+from test_flow import solve_case
+
+
+@pytest.mark.parametrize("name", sorted(CATALOGUE))
+def test_certificate_passes(name):
+    """math.md T1.x, T2.x, T3.x: the flow's limit is the potential's constrained minimiser."""
+    net, sol = solve_case(name)
+    X, y = problem()
+    cert = ib.certify(sol, X, y, initial=net)
+    assert cert.applicable, cert.reason
+    assert cert.passed, cert.reason
+    assert cert.kkt_residual <= RTOL_LIMIT and cert.reference_distance <= RTOL_LIMIT
+    assert cert.primal_residual <= 1e-8
+
+
+@pytest.mark.parametrize("name", sorted(CATALOGUE))
+def test_wrong_potential_fails(name):
+    """Negative control: the same limit certified against plain ℓ2 must fail."""
+    net, sol = solve_case(name)
+    X, y = problem()
+    cert = ib.certify(sol, X, y, initial=net, potential="l2")
+    assert cert.applicable and not cert.passed
+    assert cert.kkt_residual > 1e-3
+
+
+def test_small_alpha_diagonal_is_not_l2_but_near_l1():
+    X, y = problem(seed=7)
+    net = ib.diagonal_init(1e-6, 0.0, X.shape[1])
+    sol = ib.gradient_flow(net, X, y)
+    assert not ib.certify(sol, X, y, initial=net, potential="l2").passed
+    assert ib.certify(sol, X, y, initial=net).passed
+    l1 = ib.certify(sol, X, y, initial=net, potential="l1")
+    assert l1.reference_distance < 0.05  # a few per cent from ℓ1 at α = 1e-6 (logarithmic approach)
+
+
+def test_delta_negative_is_refused(getkey):
+    X, y = problem()
+    net = ib.fully_connected_init(0.5, -0.4, X.shape[1], key=getkey())  # δ = 4αs/(1−s²) < 0
+    sol = ib.gradient_flow(net, X, y)
+    cert = ib.certify(sol, X, y, initial=net)
+    assert not cert.applicable and not cert.passed and "delta" in cert.reason
+
+
+def test_wide_fc_at_finite_scale_not_covered(getkey):
+    X, y = problem()
+    net = ib.fully_connected_init(0.5, 0.3, X.shape[1], width=5, key=getkey())
+    sol = ib.gradient_flow(net, X, y)
+    cert = ib.certify(sol, X, y, initial=net)
+    assert not cert.applicable and not cert.passed
+
+
+def test_relu_not_covered(getkey):
+    X, y = problem()
+    net = ib.leaky_relu_init(0.5, 0.3, X.shape[1], slope=0.0, key=getkey())
+    assert isinstance(ib.implicit_potential(net), ib.NotCovered)
+
+
+def test_unconverged_flow_fails():
+    X, y = problem()
+    net = CATALOGUE["diag-thm4.1"]()
+    sol = ib.gradient_flow(net, X, y, max_steps=5, throw=False)
+    cert = ib.certify(sol, X, y, initial=net)
+    assert not cert.passed and "max_steps" in cert.reason
+
+
+def test_leaky_relu_negative_output_weight():
+    """Thm 8.1 with a(0) < 0: labels −σ⁻¹(−y)."""
+    X, y = problem(seed=8)
+    net = ib.LeakyReLUNeuron(jnp.asarray(np.random.default_rng(0).standard_normal(12) * 0.3),
+                             jnp.asarray(-0.9), slope=0.3)
+    sol = ib.gradient_flow(net, X, y)
+    cert = ib.certify(sol, X, y, initial=net)
+    assert cert.passed, cert.reason
+
+
+def test_prop62_balanced_many_neurons():
+    """Prop 6.2: Δ = 0 (W = u aᵀ, ‖u‖ = 1) with m = 3 neurons: potential q̂_0 = ‖w‖^{3/2}."""
+    X, y = problem(seed=9)
+    u = np.random.default_rng(1).standard_normal(12)
+    u /= np.linalg.norm(u)
+    a = np.array([0.4, -0.3, 0.5])
+    net = ib.FullyConnectedNet((jnp.asarray(np.outer(u, a)),), jnp.asarray(a))
+    sol = ib.gradient_flow(net, X, y)
+    cert = ib.certify(sol, X, y, initial=net)
+    assert cert.applicable and cert.passed, cert.reason
+
+
+def test_thm63_anti_ntk_error_scales_with_init(getkey):
+    """Thm 6.3: m = 4 neurons, infinitesimal init → min-ℓ2; error ~ proportional to scale."""
+    X, y = problem(seed=10)
+    w2 = ib.min_l2(X, y)
+    key = getkey()
+    errs = []
+    for scale in (1e-2, 1e-3):  # per-layer scale; α = |a|‖w‖ = scale²
+        net = ib.fully_connected_init(scale**2, 0.0, 12, width=4, key=key)
+        errs.append(rel(ib.gradient_flow(net, X, y).predictor, w2))
+    assert errs[1] < errs[0] / 3 and errs[1] < 1e-2
+
+
+def test_ntk_limit_of_fc_neuron(getkey):
+    """App. G: for large α at fixed s the limit tends to the B-matrix (NTK) minimiser; labels
+    shifted so the initial residual stays O(1) (math.md §2.7 test caveat)."""
+    X, y0 = problem(seed=11)
+    d = []
+    for alpha in (10.0, 100.0):
+        net = ib.fully_connected_init(alpha, 0.3, 12, key=jax.random.PRNGKey(5))
+        y = X @ np.asarray(net.predictor()) + y0
+        sol = ib.gradient_flow(net, X, y)
+        d.append(ib.certify(sol, X, y, initial=net, potential="ntk").reference_distance)
+    assert d[1] < d[0] / 3

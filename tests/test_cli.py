@@ -1,0 +1,131 @@
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import ibflow as ib
+from ibflow._cli import main
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    p = tmp_path_factory.mktemp("cli")
+    D = ib.sparse_regression(num_samples=6, dim=10, num_test=8, seed=2)
+    np.savez(p / "d.npz", **D)
+    rng = np.random.default_rng(0)
+    d = 10
+    inits = {
+        "diagonal": dict(plus=rng.uniform(-1, 1, (3, d)), minus=rng.uniform(-1, 1, (3, d))),
+        "diagonal-tied": dict(plus=rng.uniform(0.2, 1, d), minus=rng.uniform(0.2, 1, d)),
+        "fc": dict(W=rng.standard_normal((d, 1)) * 0.5, a=np.array([0.9])),
+        "fc3": dict(W1=rng.standard_normal((d, 2)) * 0.5, W2=rng.standard_normal((2, 2)), a=np.ones(2)),
+        "leaky-relu": dict(w=np.random.default_rng(5).standard_normal(d) * 0.3, a=np.array(0.8)),  # no kink sliding
+        "conv": dict(kernels=rng.standard_normal((2, d)) * 0.5),
+        "linear": dict(w=rng.standard_normal(d)),
+    }
+    for k, v in inits.items():
+        np.savez(p / f"{k}.npz", **v)
+    X = D["X"].copy()
+    X[1, 1] = np.inf
+    np.savez(p / "inf.npz", X=X, y=D["y"])
+    np.savez(p / "noy.npz", X=D["X"])
+    return p, D
+
+
+def _run(args, tmp):
+    out = tmp / "r.json"
+    rc = main(args + ["--out", str(out)])
+    return rc, (json.loads(out.read_text()) if out.exists() else None)
+
+
+@pytest.mark.parametrize("net, extra", [
+    ("diagonal", ["--alpha", "0.1", "--shape", "0.5"]),
+    ("diagonal", ["--alpha", "0.1", "--shape", "0.5", "--depth", "3"]),
+    ("diagonal-tied", ["--alpha", "0.1", "--shape", "0"]),
+    ("fc", ["--alpha", "0.5", "--shape", "0.2", "--width", "3"]),
+    ("conv", ["--alpha", "0.5", "--shape", "0.2"]),
+    ("leaky-relu", ["--alpha", "0.5", "--shape", "0.2", "--slope", "0.3"]),
+    ("linear", ["--alpha", "0.5"]),
+])
+def test_run_scale_shape(files, net, extra, tmp_path):
+    p, D = files
+    rc, r = _run(["run", "--data", str(p / "d.npz"), "--net", net] + extra, tmp_path)
+    assert rc == 0
+    assert r["status"] == "converged"
+    for key in ("predictor", "loss", "t_end", "num_steps", "wall_seconds", "test_error", "population_error"):
+        assert key in r
+    assert len(r["predictor"]) == D["X"].shape[1]
+    assert r["loss"] <= 1e-20
+
+
+@pytest.mark.parametrize("net, file", [("diagonal", "diagonal"), ("diagonal-tied", "diagonal-tied"), ("fc", "fc"),
+                                       ("fc", "fc3"), ("leaky-relu", "leaky-relu"), ("conv", "conv"), ("linear", "linear")])
+def test_run_init_file(files, net, file, tmp_path):
+    p, D = files
+    rc, r = _run(["run", "--data", str(p / "d.npz"), "--net", net, "--init", str(p / f"{file}.npz")], tmp_path)
+    assert rc == 0 and r["status"] == "converged"
+    if net == "linear":  # closed form: argmin ‖w − w0‖ s.t. Xw = y
+        w0 = np.load(p / "linear.npz")["w"]
+        np.testing.assert_allclose(r["predictor"], ib.min_l2(D["X"], D["y"], w0), rtol=1e-8)
+
+
+def test_run_certify(files, tmp_path):
+    p, _ = files
+    rc, r = _run(["run", "--data", str(p / "d.npz"), "--net", "diagonal", "--alpha", "0.05", "--shape", "0.3",
+                  "--certify"], tmp_path)
+    c = r["certificate"]
+    assert rc == 0 and c["passed"] and c["applicable"]
+    for k in ("potential", "kkt_residual", "primal_residual", "reference_distance"):
+        assert k in c
+    rc, r = _run(["run", "--data", str(p / "d.npz"), "--net", "diagonal", "--alpha", "0.05", "--shape", "0.3",
+                  "--certify", "--potential", "l2"], tmp_path)
+    assert rc == 0 and not r["certificate"]["passed"]
+
+
+def test_run_certify_not_applicable(files, tmp_path, capsys):
+    p, _ = files
+    rc, r = _run(["run", "--data", str(p / "d.npz"), "--net", "fc", "--alpha", "0.5", "--shape", "-0.5",
+                  "--certify"], tmp_path)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 0 and r["certificate"]["applicable"] is False and r["certificate"]["passed"] is False
+    assert len(err) == 1 and "delta" in err[0]
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--data", "MISSING.npz", "--net", "diagonal", "--alpha", "1"], "not found"),
+    (["--data", "{p}/inf.npz", "--net", "diagonal", "--alpha", "1"], "NaN or inf"),
+    (["--data", "{p}/noy.npz", "--net", "diagonal", "--alpha", "1"], "'y'"),
+    (["--data", "{p}/d.npz", "--net", "diagonal", "--alpha", "0"], "--alpha"),
+    (["--data", "{p}/d.npz", "--net", "diagonal", "--alpha", "nan"], "--alpha"),
+    (["--data", "{p}/d.npz", "--net", "diagonal", "--alpha", "1", "--shape", "-1"], "--shape"),
+    (["--data", "{p}/d.npz", "--net", "nonet", "--alpha", "1"], "invalid choice"),
+    (["--data", "{p}/d.npz", "--net", "diagonal"], "--alpha"),
+    (["--data", "{p}/d.npz", "--net", "fc", "--init", "{p}/diagonal.npz"], "'W'"),
+    (["--data", "{p}/d.npz", "--net", "diagonal", "--init", "{p}/linear.npz"], "'plus'"),
+    (["--data", "{p}/d.npz", "--net", "linear", "--init", "{p}/fc.npz"], "'w'"),
+    (["--data", "{p}/d.npz", "--net", "diagonal", "--init", "{p}/diagonal.npz", "--depth", "2"], "depth"),
+    (["--data", "{p}/d.npz", "--net", "diagonal", "--alpha", "1", "--depth", "1"], "depth"),
+])
+def test_bad_input_one_line(files, tmp_path, capsys, args, needle):
+    p, _ = files
+    args = [a.replace("{p}", str(p)) for a in args]
+    rc, _ = _run(["run"] + args, tmp_path)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2
+    assert len(err) == 1 and needle in err[0], err
+
+
+def test_unconverged_exit_status(files, tmp_path):
+    p, _ = files
+    rc, r = _run(["run", "--data", str(p / "d.npz"), "--net", "diagonal", "--alpha", "0.1", "--max-steps", "3"], tmp_path)
+    assert rc == 1 and r["status"] == "max_steps"
+
+
+def test_console_script_installed(files, tmp_path):
+    p, _ = files
+    proc = subprocess.run([sys.executable, "-m", "ibflow", "run", "--data", str(p / "d.npz"), "--net", "linear",
+                           "--alpha", "1", "--out", str(tmp_path / "o.json")], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((tmp_path / "o.json").read_text())["status"] == "converged"

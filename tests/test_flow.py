@@ -1,0 +1,180 @@
+import functools
+
+import diffrax as dfx
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy.linalg import expm
+
+import ibflow as ib
+from helpers import CATALOGUE, DRIFT_TOL, problem, rel
+
+
+@functools.lru_cache(maxsize=None)
+def solve_case(name):
+    X, y = problem()
+    net = CATALOGUE[name]()
+    return net, ib.gradient_flow(net, X, y)
+
+
+@pytest.mark.parametrize("name", sorted(CATALOGUE))
+def test_converges_and_conserves(name):
+    net, sol = solve_case(name)
+    assert sol.status == "converged"
+    assert sol.loss <= 1e-24 * sol.loss0 or sol.loss <= sol.loss_target
+    assert sol.predictor.dtype == jnp.float64
+    # balancedness (Du et al. 2018; math.md §5.1): drift ≤ 1e-9 relative
+    assert sol.invariant_drift <= DRIFT_TOL
+
+
+def test_linear_closed_form_trajectory():
+    """Linear model: w(t) = w0 + Xᵀ(XXᵀ)⁻¹(I − exp(−XXᵀ t/N))(y − Xw0)."""
+    X, y = problem(seed=3)
+    net = ib.linear_init(0.5, X.shape[1], key=jax.random.PRNGKey(0))
+    ts = jnp.array([0.1, 1.0, 5.0, 20.0])
+    sol = ib.gradient_flow(net, X, y, save_ts=ts)
+    w0 = np.asarray(net.w)
+    A = X @ X.T
+    for t, w in zip(np.asarray(ts), np.asarray(sol.trajectory_predictor)):
+        exact = w0 + X.T @ np.linalg.solve(A, (np.eye(len(y)) - expm(-A * t / len(y))) @ (y - X @ w0))
+        assert rel(w, exact) < 1e-9
+
+
+@pytest.mark.parametrize("name", ["tied-D2", "diag-thm4.1", "diag-biased"])
+def test_mirror_trajectory_stays_in_row_space(name):
+    """Closed-form trajectories (math.md §1.2, §2.3): w̃(t) = φ⁻¹(Xᵀν(t)) for every t, i.e.
+    φ(w̃(t)) lies in the row space of X along the whole flow, not only in the limit."""
+    X, y = problem()
+    net = CATALOGUE[name]()
+    pot = ib.implicit_potential(net)
+    sol = ib.gradient_flow(net, X, y, save_ts=jnp.array([0.2, 1.0, 3.0, 10.0]))
+    P = X.T @ np.linalg.solve(X @ X.T, X)
+    traj = np.asarray(sol.trajectory_predictor)
+    traj = traj[np.all(np.isfinite(traj), axis=1)]  # times after convergence are not reached
+    assert len(traj) >= 2
+    for w in traj:
+        g = np.asarray(pot.mirror(jnp.asarray(w)))
+        assert np.linalg.norm(g - P @ g) <= 1e-8 * max(np.linalg.norm(g), 1e-12)
+
+
+def test_loss_non_increasing_along_trajectory():
+    X, y = problem()
+    sol = ib.gradient_flow(CATALOGUE["diag-depth3"](), X, y, save_ts=jnp.logspace(-2, 3, 30))
+    L = np.asarray(sol.trajectory_loss)
+    L = L[np.isfinite(L)]
+    assert len(L) > 5 and np.all(np.diff(L) <= 1e-15)
+
+
+def _warp(net):
+    p = jnp.concatenate([net.plus.ravel(), net.minus.ravel()])
+    return 1 + 0.5 * jnp.sin(jnp.sum(p)) ** 2 + jnp.sum(p**2)
+
+
+def test_time_warping_invariance():
+    """Azulay §5 / math.md §5.3: θ̇ = −g(θ)∇L visits the same points; same limit."""
+    X, y = problem()
+    net = CATALOGUE["diag-biased"]()
+    a = ib.gradient_flow(net, X, y)
+    b = ib.gradient_flow(net, X, y, warp=_warp)
+    assert rel(b.predictor, a.predictor) < 1e-9
+    assert not np.isclose(float(a.t_end), float(b.t_end), rtol=1e-3)
+
+
+def test_pure_mode_solvers_agree():
+    """Kvaerno5 (diffrax's own implicit solver, dense Jacobian) gives the same limit."""
+    X, y = problem()
+    net = CATALOGUE["diag-shape0.7"]()
+    a = ib.gradient_flow(net, X, y)
+    b = ib.gradient_flow(net, X, y, solver=dfx.Kvaerno5(), max_steps=100_000)
+    assert b.status == "converged"
+    assert rel(b.predictor, a.predictor) < 1e-8
+
+
+def test_explicit_solver_agrees_then_stalls():
+    """Tsit5 (explicit) reaches the same limit at a loose loss target, and stalls on the
+    stiff tail of the default 1e-24 target (why the default solver is implicit)."""
+    X, y = problem()
+    net = ib.diagonal_init(2.0, 0.0, X.shape[1])
+    a = ib.gradient_flow(net, X, y)
+    b = ib.gradient_flow(net, X, y, solver=dfx.Tsit5(), loss_rtol=1e-14, max_steps=100_000)
+    assert rel(b.predictor, a.predictor) < 1e-6
+    c = ib.gradient_flow(net, X, y, solver=dfx.Tsit5(), max_steps=20 * int(a.num_steps), throw=False)
+    assert c.status == "max_steps"
+
+
+def test_jit_vmap_agree_and_do_not_recompile():
+    X, y = problem()
+    alphas = jnp.array([0.05, 0.3, 1.0])
+    shapes = jnp.array([0.0, 0.5, -0.3])
+    traces = []
+
+    def one(a, s):
+        traces.append(1)
+        return ib.gradient_flow(ib.diagonal_init(a, s, X.shape[1]), X, y).predictor
+
+    eager = np.stack([one(a, s) for a, s in zip(alphas, shapes)])
+    jitted = eqx.filter_jit(one)
+    j = np.stack([jitted(a, s) for a, s in zip(alphas, shapes)])
+    n_after_jit = len(traces)
+    jitted(alphas[0] * 1.3, shapes[1] * 0.2)  # new values, same abstract signature
+    assert len(traces) == n_after_jit, "jit recompiled for new values"
+    v = jax.vmap(one)(alphas, shapes)
+    jv = jax.jit(jax.vmap(one))
+    jv_out = jv(alphas, shapes)
+    n = len(traces)
+    jv(alphas * 1.1, shapes * 0.5)
+    assert len(traces) == n, "jit(vmap) recompiled for new values"
+    for other in (j, v, jv_out):
+        np.testing.assert_allclose(other, eager, rtol=1e-9, atol=1e-12)
+
+
+def test_vmap_over_networks_directly():
+    X, y = problem()
+    nets = jax.vmap(lambda a: ib.diagonal_init(a, 0.2, X.shape[1]))(jnp.array([0.1, 1.0]))
+    sols = eqx.filter_vmap(lambda n: ib.gradient_flow(n, X, y, throw=False))(nets)
+    assert sols.predictor.shape == (2, X.shape[1])
+    assert list(ib.status_words(sols.result)) == ["converged", "converged"]
+
+
+def test_failure_statuses():
+    X, y = problem()
+    net = CATALOGUE["diag-thm4.1"]()
+    sol = ib.gradient_flow(net, X, y, max_steps=5, throw=False)
+    assert sol.status == "max_steps" and not sol.converged
+    with pytest.raises(Exception, match="maximum number of solver steps"):
+        jax.block_until_ready(ib.gradient_flow(net, X, y, max_steps=5).predictor)
+    sol = ib.gradient_flow(net, X, y, t_max=1e-3, throw=False)
+    assert sol.status == "not_converged"
+
+
+def test_bad_inputs_raise():
+    X, y = problem()
+    net = CATALOGUE["diag-thm4.1"]()
+    Xn = X.copy()
+    Xn[0, 0] = np.nan
+    with pytest.raises(Exception, match="X contains NaN"):
+        jax.block_until_ready(ib.gradient_flow(net, Xn, y).predictor)
+    with pytest.raises(ValueError, match="same N"):
+        ib.gradient_flow(net, X, y[:3])
+
+
+def test_nonfinite_flow_is_reported():
+    # A flow that blows up (labels far beyond float range) must not claim convergence.
+    X, y = problem()
+    sol = ib.gradient_flow(CATALOGUE["tied-D3"](), X, y * 1e200, throw=False, max_steps=200)
+    assert sol.status != "converged"
+
+
+def test_kink_sliding_is_reported_as_stalled():
+    """A leaky-ReLU flow that slides on a kink (wᵀx_n = 0) is non-smooth there; the solve
+    must say so rather than claim convergence."""
+    D = ib.sparse_regression(num_samples=6, dim=10, seed=2)
+    w = np.random.default_rng(5)
+    for _ in range(5):  # the 5th draw of this stream slides on a kink (a = 1.5)
+        w0 = w.standard_normal(10) * 0.3
+    net = ib.LeakyReLUNeuron(jnp.asarray(w0), jnp.asarray(1.5), 0.2)
+    sol = ib.gradient_flow(net, D["X"], D["y"], max_steps=3000, throw=False)
+    assert sol.status == "stalled"
+    assert np.min(np.abs(D["X"] @ np.asarray(sol.network.w))) < 1e-6  # sitting on a kink
