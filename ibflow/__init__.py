@@ -61,6 +61,7 @@ from ._potentials import (
 )
 from ._reference import ReferenceSolution as ReferenceSolution, dual_newton as dual_newton, min_l1 as min_l1, min_l2 as min_l2
 from ._results import RESULTS as RESULTS, status_word as status_word, status_words as status_words
+from ._sweep import sweep as sweep
 from ._structure import (
     hessian_map_violation as hessian_map_violation,
     predictor_metric as predictor_metric,

@@ -1,0 +1,176 @@
+"""Figures: the default sweep figure and the papers' figures, reproduced from sweeps.
+
+- `fig7_1`: Azulay et al. 2021, Fig. 7.1: population error of two-layer diagonal nets
+  vs α for several shapes s on the §9 problem, with the min-ℓ1 and min-ℓ2 interpolators'
+  errors as asymptotes; second panel against k̂ = α/(1 − s²) (Thm 4.1: the limit
+  depends on (α, s) only through √k = 4α(1+s²)/(1−s²), so curves nearly collapse).
+- `fig7_2`: Azulay Fig. 7.2: contours of q_{δ,w̃(0)} (Thm 6.1) for d = 2,
+  w̃(0) = α·(0.6, 0.8); top row α = 2, s ∈ {0, 0.2, 0.8}; bottom row s = 0.1,
+  α ∈ {0.01, 1, 2.5}; the red dot marks w̃(0).
+- `woodworth`: Woodworth et al. 2020: the ℓ1 → ℓ2 transition of the limit with α, and
+  test error vs sample size N at small and large α.
+Each writes PNG and PDF plus the netCDF dataset behind the figure.
+"""
+
+import os
+
+import jax.numpy as jnp
+import numpy as np
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, out, name):
+    os.makedirs(out, exist_ok=True)
+    paths = [os.path.join(out, f"{name}.png"), os.path.join(out, f"{name}.pdf")]
+    fig.savefig(paths[0], dpi=130, bbox_inches="tight")
+    fig.savefig(paths[1], bbox_inches="tight")
+    _plt().close(fig)
+    return paths
+
+
+def plot_sweep(ds, path):
+    """Default sweep figure: population (or test, or train) error vs α, one line per shape;
+    points whose certificate failed are circled in red."""
+    plt = _plt()
+    var = next(v for v in ("population_error", "test_error", "train_loss") if v in ds)
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for j, s in enumerate(ds["shape"].values):
+        vals = ds[var].isel(shape=j, seed=0).values
+        ax.plot(ds["alpha"].values, vals, "o-", ms=3, label=f"s = {s:g}")
+        if "passed" in ds:
+            bad = ~ds["passed"].isel(shape=j, seed=0).values.astype(bool)
+            ax.plot(ds["alpha"].values[bad], vals[bad], "o", mfc="none", mec="red", ms=8)
+    ax.set_xscale("log")
+    ax.set_xlabel(r"initialisation scale $\alpha$")
+    ax.set_ylabel(var.replace("_", " "))
+    ax.set_title(f"gradient-flow limit, {ds.attrs.get('net', '')} net")
+    ax.legend(fontsize=8)
+    fig.savefig(path, dpi=130, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def fig7_1(out, *, dim=1000, samples=100, n_alpha=20, alpha_range=(1e-5, 0.25), shapes=(0, 0.5, 0.7, 0.9, 0.99),
+           seed=0, progress=True):
+    """Azulay et al. 2021 Fig. 7.1 (module docstring). Returns the dataset."""
+    from ._data import sparse_regression
+    from ._reference import min_l1, min_l2
+    from ._sweep import sweep
+
+    D = sparse_regression(num_samples=samples, dim=dim, seed=seed)
+    alphas = np.logspace(np.log10(alpha_range[0]), np.log10(alpha_range[1]), n_alpha)
+    ds = sweep(D["X"], D["y"], alphas=alphas, shapes=shapes, w_star=D["w_star"], certify=True,
+               out=os.path.join(out, "fig7.1-data"), progress=progress)
+    w1, _ = min_l1(D["X"], D["y"])
+    e1 = float(np.sum((w1 - D["w_star"]) ** 2))
+    e2 = float(np.sum((min_l2(D["X"], D["y"]) - D["w_star"]) ** 2))
+    ds.attrs.update(l1_population_error=e1, l2_population_error=e2)
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for j, s in enumerate(ds["shape"].values):
+        err = ds["population_error"].isel(shape=j, seed=0).values
+        axes[0].plot(alphas, err, "o-", ms=3, label=f"s = {s:g}")
+        axes[1].plot(alphas / (1 - s**2), err, "o-", ms=3, label=f"s = {s:g}")
+    for ax, xl in zip(axes, [r"$\alpha$", r"$\hat k = \alpha/(1-s^2)$"]):
+        ax.axhline(e1, color="k", ls="--", lw=1, label=r"min-$\ell_1$")
+        ax.axhline(e2, color="gray", ls=":", lw=1, label=r"min-$\ell_2$")
+        ax.set_xscale("log")
+        ax.set_xlabel(xl)
+        ax.set_ylabel(r"population error $\|\tilde w - \beta^*\|^2$")
+        ax.legend(fontsize=8)
+    npass = int(ds["passed"].values.sum())
+    fig.suptitle(f"Azulay et al. Fig. 7.1: diagonal net, d = {dim}, N = {samples}, r* = 5 "
+                 f"({npass}/{ds['passed'].size} points certified)")
+    paths = _save(fig, out, "fig7.1")
+    ds.to_netcdf(os.path.join(out, "fig7.1.nc"), engine="h5netcdf")
+    return ds, paths
+
+
+def fig7_2(out, *, grid=201):
+    """Azulay et al. 2021 Fig. 7.2 (module docstring). Returns the dataset."""
+    import xarray as xr
+
+    from ._potentials import FullyConnectedNeuron
+
+    plt = _plt()
+    u = np.array([0.6, 0.8])
+    panels = [(2.0, 0.0), (2.0, 0.2), (2.0, 0.8), (0.01, 0.1), (1.0, 0.1), (2.5, 0.1)]
+    fig, axes = plt.subplots(2, 3, figsize=(12, 7.5))
+    data = {}
+    for ax, (alpha, s) in zip(axes.ravel(), panels):
+        w0 = alpha * u
+        delta = 4 * alpha * s / (1 - s**2)
+        pot = FullyConnectedNeuron(jnp.asarray(delta), jnp.asarray(w0))
+        r = 2.5 * max(alpha, 1.0)
+        xs = np.linspace(-r, r, grid)
+        Xg, Yg = np.meshgrid(xs, xs)
+        import jax
+
+        Z = np.asarray(jax.vmap(jax.vmap(lambda a, b: pot.value(jnp.stack([a, b]))))(jnp.asarray(Xg), jnp.asarray(Yg)))
+        ax.contour(Xg, Yg, Z, levels=25, cmap="viridis")
+        ax.plot(*w0, "o", color="red")
+        ax.set_title(rf"$\alpha$ = {alpha:g}, s = {s:g}  ($\delta$ = {delta:.3g})")
+        ax.set_aspect("equal")
+        data[f"q_alpha{alpha:g}_s{s:g}"] = xr.DataArray(Z, dims=("y", "x"), coords=dict(x=xs, y=xs),
+                                                        attrs=dict(alpha=alpha, shape=s, delta=delta))
+    fig.suptitle(r"Azulay et al. Fig. 7.2: contours of $q_{\delta,\tilde w(0)}$ (Thm 6.1), "
+                 r"$\tilde w(0) = \alpha\,(0.6, 0.8)$")
+    paths = _save(fig, out, "fig7.2")
+    ds = xr.Dataset({k: v.rename({"x": f"x_{i}", "y": f"y_{i}"}) for i, (k, v) in enumerate(data.items())})
+    ds.to_netcdf(os.path.join(out, "fig7.2.nc"), engine="h5netcdf")
+    return ds, paths
+
+
+def woodworth(out, *, dim=100, samples=(10, 20, 30, 40, 60, 80), alphas=(1e-6, 10.0), n_alpha=12, seed=0,
+              progress=True):
+    """Woodworth et al. 2020: ℓ1 → ℓ2 transition with α, and test error vs N (module docstring)."""
+    import xarray as xr
+
+    from ._data import sparse_regression
+    from ._reference import min_l1, min_l2
+    from ._sweep import sweep
+
+    plt = _plt()
+    D = sparse_regression(num_samples=max(samples) // 2, dim=dim, seed=seed)
+    grid = np.logspace(-6, 1, n_alpha)
+    ds = sweep(D["X"], D["y"], alphas=grid, shapes=[0.0], net="diagonal-tied", certify=True, progress=progress,
+               out=os.path.join(out, "woodworth-data"))
+    W = ds["predictor"].isel(shape=0, seed=0).values
+    w1, _ = min_l1(D["X"], D["y"])
+    w2 = min_l2(D["X"], D["y"])
+    r1 = np.abs(W).sum(1) / np.abs(w1).sum()
+    r2 = np.linalg.norm(W, axis=1) / np.linalg.norm(w2)
+    errs = {a: [] for a in alphas}
+    for n in samples:
+        Dn = sparse_regression(num_samples=n, dim=dim, seed=seed + 1)
+        dn = sweep(Dn["X"], Dn["y"], alphas=list(alphas), shapes=[0.0], net="diagonal-tied", w_star=Dn["w_star"],
+                   progress=False)
+        for a in alphas:
+            errs[a].append(float(dn["population_error"].sel(alpha=a, shape=0.0, seed=0)))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    axes[0].plot(grid, r1, "o-", label=r"$\|w_\alpha\|_1 / \|w_{\ell_1}\|_1$")
+    axes[0].plot(grid, r2, "s-", label=r"$\|w_\alpha\|_2 / \|w_{\ell_2}\|_2$")
+    axes[0].axhline(1, color="k", lw=0.8)
+    axes[0].set_xscale("log")
+    axes[0].set_xlabel(r"$\alpha$ (product scale; Woodworth's $\alpha_W = \alpha^{1/2}$)")
+    axes[0].set_title(r"rich ($\ell_1$) to kernel ($\ell_2$) transition, tied net")
+    axes[0].legend()
+    for a in alphas:
+        axes[1].plot(samples, errs[a], "o-", label=rf"$\alpha$ = {a:g}")
+    axes[1].set_xlabel("N (samples)")
+    axes[1].set_ylabel(r"population error $\|w - \beta^*\|^2$")
+    axes[1].set_title(f"sample complexity, d = {dim}, r* = 5")
+    axes[1].legend()
+    paths = _save(fig, out, "woodworth")
+    xr.Dataset(dict(l1_ratio=("alpha", r1), l2_ratio=("alpha", r2),
+                    **{f"error_alpha{a:g}": ("N", np.array(errs[a])) for a in alphas}),
+               coords=dict(alpha=grid, N=list(samples))).to_netcdf(os.path.join(out, "woodworth.nc"), engine="h5netcdf")
+    return ds, paths

@@ -1,0 +1,274 @@
+"""Scale-vs-shape sweeps: a grid over α × s (× seed), solved as compiled vmapped chunks.
+
+- Points are ordered by α (a proxy for stiffness: small α means long plateaus and
+  stiff tails) and cut into chunks of `chunk_size`; each chunk is one
+  `jit(vmap(gradient_flow))` call whose batch is sharded over all JAX devices
+  (`jax.sharding`, a 1-D mesh named "points"). A vmapped adaptive solve steps all
+  members until the slowest has converged, so grouping similar α keeps lock-step cheap.
+- Each finished chunk is written at once to `DIR/chunks/chunk-XXXXX.nc` (netCDF via
+  h5netcdf) together with the point indices it holds; re-running the same sweep
+  skips every finished point, and an interrupted sweep loses nothing already written.
+  `DIR/config.json` pins the sweep's definition: a different sweep in the same DIR is
+  refused rather than mixed in.
+- The result is an `xarray.Dataset` with coordinates `alpha`, `shape`, `seed` and
+  variables `predictor (alpha, shape, seed, dim)`, `train_loss`, `status`,
+  `num_steps`, `seconds` (the chunk's wall time shared equally among its points),
+  `t_end`, `invariant_drift`, and when available `test_error`, `population_error`
+  and, with `certify=True`, the certificate fields. Failed points are kept and marked.
+"""
+
+import hashlib
+import json
+import os
+import time
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ._flow import gradient_flow
+from ._io import network_from_scale_shape
+from ._results import status_words
+
+CERT_FIELDS = ("kkt_residual", "reference_distance", "primal_residual", "passed", "potential", "applicable")
+
+
+def _solver_fn(kind, d, depth, width, slope, X, y, flow_kwargs):
+    def one(alpha, shape, seed):
+        key = jax.random.PRNGKey(seed)
+        from . import _init as I
+
+        if kind == "diagonal":
+            net = I.diagonal_init(alpha, shape, d, depth=depth)
+        elif kind == "diagonal-tied":
+            net = I.tied_diagonal_init(alpha, d, depth=depth)
+        elif kind == "fc":
+            net = I.fully_connected_init(alpha, shape, d, width=width, depth=depth, key=key)
+        elif kind == "conv":
+            net = I.conv_init(alpha, shape, d, depth=depth, key=key)
+        elif kind == "leaky-relu":
+            net = I.leaky_relu_init(alpha, shape, d, slope=slope, key=key)
+        elif kind == "linear":
+            net = I.linear_init(alpha, d, key=key)
+        else:
+            raise ValueError(f"unknown net {kind!r}")
+        sol = gradient_flow(net, X, y, throw=False, **flow_kwargs)
+        return sol.predictor, sol.loss, sol.num_steps, sol.t_end, sol.invariant_drift, sol.result, sol.network
+
+    return one
+
+
+def _config_hash(config):
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def sweep(
+    X,
+    y,
+    *,
+    alphas,
+    shapes,
+    net: str = "diagonal",
+    seeds=(0,),
+    depth: int = 2,
+    width: int = 1,
+    slope: float = 0.2,
+    X_test=None,
+    y_test=None,
+    w_star=None,
+    certify: bool = False,
+    out: str | None = None,
+    chunk_size: int | None = None,
+    progress: bool = True,
+    flow_kwargs: dict | None = None,
+):
+    """Solve and (optionally) certify the gradient flow at every (α, s, seed) point.
+
+    **Arguments:**
+
+    - `X`, `y`: training data (rows are samples). `X_test`, `y_test`, `w_star`: optional,
+      for `test_error` (mean square) and `population_error` (`‖w̃ − w*‖²`, Azulay Fig. 7.1).
+    - `alphas`, `shapes`, `seeds`: the grid axes. `net`, `depth`, `width`, `slope`: the network.
+    - `certify`: attach the implicit-bias certificate of every point.
+    - `out`: a directory for incremental, resumable storage (None: in memory only).
+    - `chunk_size`: points per compiled vmapped call (default: 8 per device, at most the grid).
+    - `flow_kwargs`: extra keyword arguments for `gradient_flow` (tolerances, `max_steps`).
+
+    **Returns:** an `xarray.Dataset` (module docstring).
+    """
+    import xarray as xr
+
+    X = np.asarray(X, dtype=float)
+    y = np.asarray(y, dtype=float)
+    alphas = np.asarray(alphas, dtype=float).ravel()
+    shapes = np.asarray(shapes, dtype=float).ravel()
+    seeds = np.asarray(seeds, dtype=np.int64).ravel()
+    if np.any(~np.isfinite(alphas)) or np.any(alphas <= 0):
+        raise ValueError("every alpha must be finite and > 0")
+    if np.any(~np.isfinite(shapes)) or np.any(np.abs(shapes) >= 1):
+        raise ValueError("every shape must be finite with |s| < 1")
+    if net == "diagonal-tied" and np.any(shapes != 0):
+        raise ValueError("diagonal-tied has no shape: use shapes = [0]")
+    flow_kwargs = dict(flow_kwargs or {})
+    d = X.shape[1]
+    grid = [(i, j, k) for i in np.argsort(alphas) for j in range(len(shapes)) for k in range(len(seeds))]
+    n_dev = len(jax.devices())
+    if chunk_size is None:
+        chunk_size = min(len(grid), 8 * n_dev)
+    chunk_size = max(n_dev, -(-chunk_size // n_dev) * n_dev)
+
+    config = dict(net=net, depth=depth, width=width, slope=slope, alphas=alphas.tolist(), shapes=shapes.tolist(),
+                  seeds=seeds.tolist(), certify=certify, chunk_size=chunk_size,
+                  flow_kwargs={k: repr(v) for k, v in flow_kwargs.items()},
+                  data=hashlib.sha256(X.tobytes() + y.tobytes()).hexdigest()[:16])
+    done = {}
+    if out is not None:
+        os.makedirs(os.path.join(out, "chunks"), exist_ok=True)
+        cfg_path = os.path.join(out, "config.json")
+        if os.path.exists(cfg_path):
+            with open(cfg_path) as f:
+                old = json.load(f)
+            if _config_hash(old) != _config_hash(config):
+                raise ValueError(f"{out} holds a different sweep (config.json differs); use another --out")
+        else:
+            with open(cfg_path, "w") as f:
+                json.dump(config, f, indent=1)
+        for name in sorted(os.listdir(os.path.join(out, "chunks"))):
+            if name.endswith(".nc"):
+                with xr.open_dataset(os.path.join(out, "chunks", name), engine="h5netcdf") as ds:
+                    ds = ds.load()
+                for p, row in zip(ds["point"].values, _rows_from_chunk(ds)):
+                    done[tuple(int(v) for v in p)] = row
+    todo = [g for g in grid if g not in done]
+
+    one = _solver_fn(net, d, depth, width, slope, jnp.asarray(X), jnp.asarray(y), flow_kwargs)
+    mesh = jax.sharding.Mesh(np.array(jax.devices()), ("points",))
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("points"))
+    solve_chunk = eqx.filter_jit(eqx.filter_vmap(one))
+
+    bar = None
+    if progress and todo:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(grid), initial=len(grid) - len(todo), unit="pt", desc=f"sweep {net}")
+    for c0 in range(0, len(todo), chunk_size):
+        pts = todo[c0:c0 + chunk_size]
+        pad = pts + [pts[-1]] * (chunk_size - len(pts))
+        a = jax.device_put(jnp.asarray([alphas[i] for i, _, _ in pad]), sharding)
+        s = jax.device_put(jnp.asarray([shapes[j] for _, j, _ in pad]), sharding)
+        k = jax.device_put(jnp.asarray([seeds[q] for _, _, q in pad]), sharding)
+        t0 = time.perf_counter()
+        pred, loss, steps, t_end, drift, result, nets = solve_chunk(a, s, k)
+        jax.block_until_ready(pred)
+        words = status_words(result)
+        rows = []
+        for b, p in enumerate(pts):
+            rows.append(dict(predictor=np.asarray(pred[b]), train_loss=float(loss[b]), num_steps=int(steps[b]),
+                             t_end=float(t_end[b]), invariant_drift=float(drift[b]), status=str(words[b])))
+        if X_test is not None or w_star is not None:
+            for b, row in enumerate(rows):
+                if X_test is not None:
+                    netb = jax.tree_util.tree_map(lambda x: x[b] if eqx.is_array(x) else x, nets)
+                    row["test_error"] = float(np.mean((np.asarray(netb.outputs(jnp.asarray(X_test))) - y_test) ** 2))
+                if w_star is not None:
+                    row["population_error"] = float(np.sum((row["predictor"] - np.asarray(w_star)) ** 2))
+        if certify:
+            from ._certify import certify as _certify
+
+            for b, (row, p) in enumerate(zip(rows, pts)):
+                init = network_from_scale_shape(net, d, float(alphas[p[0]]), float(shapes[p[1]]), depth=depth,
+                                                width=width, slope=slope, seed=int(seeds[p[2]]))
+                cert = _certify(_RowSolution(row), X, y, initial=init)
+                row.update({f: getattr(cert, f) for f in CERT_FIELDS})
+        elapsed = time.perf_counter() - t0
+        for row in rows:
+            row["seconds"] = elapsed / len(pts)
+        for p, row in zip(pts, rows):
+            done[p] = row
+        if out is not None:
+            _write_chunk(os.path.join(out, "chunks", f"chunk-{len(os.listdir(os.path.join(out, 'chunks'))):05d}.nc"),
+                         pts, rows)
+        if bar is not None:
+            bar.update(len(pts))
+    if bar is not None:
+        bar.close()
+    ds = _assemble(done, alphas, shapes, seeds, d, net, certify)
+    ds.attrs["config"] = json.dumps(config)
+    if out is not None:
+        tmp = os.path.join(out, "sweep.nc.tmp")
+        ds.to_netcdf(tmp, engine="h5netcdf")
+        os.replace(tmp, os.path.join(out, "sweep.nc"))
+    return ds
+
+
+class _RowSolution:
+    """The few `FlowSolution` attributes `certify` reads, from a stored sweep row."""
+
+    def __init__(self, row):
+        self.status = row["status"]
+        self.invariant_drift = row["invariant_drift"]
+        self.predictor = row["predictor"]
+
+
+_SCALARS = ("train_loss", "num_steps", "t_end", "invariant_drift", "seconds", "test_error", "population_error",
+            "kkt_residual", "reference_distance", "primal_residual")
+
+
+def _write_chunk(path, pts, rows):
+    import xarray as xr
+
+    data = {"predictor": (("n", "dim"), np.stack([r["predictor"] for r in rows])),
+            "status": (("n",), np.array([r["status"] for r in rows], dtype=object))}
+    for key in _SCALARS:
+        if key in rows[0]:
+            data[key] = (("n",), np.array([np.nan if r[key] is None else r[key] for r in rows], dtype=float))
+    for key in ("passed", "applicable"):
+        if key in rows[0]:
+            data[key] = (("n",), np.array([bool(r[key]) for r in rows]))
+    if "potential" in rows[0]:
+        data["potential"] = (("n",), np.array([r["potential"] for r in rows], dtype=object))
+    data["point"] = (("n", "axis"), np.array(pts, dtype=np.int64))
+    tmp = path + ".tmp"
+    xr.Dataset(data).to_netcdf(tmp, engine="h5netcdf")
+    os.replace(tmp, path)  # a chunk is either fully written or absent
+
+
+def _rows_from_chunk(ds):
+    rows = []
+    for n in range(ds.sizes["n"]):
+        row = {"predictor": ds["predictor"].values[n], "status": str(ds["status"].values[n])}
+        for key in _SCALARS + ("passed", "applicable", "potential"):
+            if key in ds:
+                v = ds[key].values[n]
+                row[key] = v.item() if hasattr(v, "item") else v
+        rows.append(row)
+    return rows
+
+
+def _assemble(done, alphas, shapes, seeds, d, net, certify):
+    import xarray as xr
+
+    shp = (len(alphas), len(shapes), len(seeds))
+    pred = np.full(shp + (d,), np.nan)
+    status = np.full(shp, "missing", dtype=object)
+    scal = {}
+    for (i, j, k), row in done.items():
+        pred[i, j, k] = row["predictor"]
+        status[i, j, k] = row["status"]
+        for key, v in row.items():
+            if key in ("predictor", "status"):
+                continue
+            if key not in scal:
+                dtype = object if key == "potential" else (bool if key in ("passed", "applicable") else float)
+                scal[key] = np.full(shp, "" if dtype is object else (False if dtype is bool else np.nan), dtype=dtype)
+            scal[key][i, j, k] = v
+    dims = ("alpha", "shape", "seed")
+    data = {"predictor": (dims + ("dim",), pred), "status": (dims, status.astype(str))}
+    for key, arr in scal.items():
+        data[key] = (dims, arr.astype(str) if arr.dtype == object else arr)
+    ds = xr.Dataset(data, coords=dict(alpha=alphas, shape=shapes, seed=seeds, dim=np.arange(d)))
+    ds.attrs["net"] = net
+    ds.attrs["certified"] = int(certify)
+    ds["seconds"].attrs["note"] = "wall time of the point's vmapped chunk divided by its number of points"
+    return ds

@@ -1,0 +1,114 @@
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import xarray as xr
+
+import ibflow as ib
+from ibflow._cli import main
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    p = tmp_path_factory.mktemp("sweep")
+    D = ib.sparse_regression(num_samples=8, dim=20, num_test=30, seed=4)
+    np.savez(p / "d.npz", **D)
+    return p, D
+
+
+def test_sweep_matches_independent_reference(data):
+    p, D = data
+    alphas, shapes = [1e-3, 0.05, 1.0], [0.0, 0.6]
+    ds = ib.sweep(D["X"], D["y"], alphas=alphas, shapes=shapes, X_test=D["X_test"], y_test=D["y_test"],
+                  w_star=D["w_star"], certify=True, progress=False, chunk_size=4)
+    assert set(ds["status"].values.ravel()) == {"converged"}
+    assert ds["passed"].values.all()
+    for i, a in enumerate(alphas):
+        for j, s in enumerate(shapes):
+            ref = ib.dual_newton(ib.implicit_potential(ib.diagonal_init(a, s, 20)), D["X"], D["y"]).w
+            w = ds["predictor"].isel(alpha=i, shape=j, seed=0).values
+            assert np.linalg.norm(w - ref) / np.linalg.norm(ref) < 1e-8
+            assert np.isclose(ds["population_error"].values[i, j, 0], np.sum((w - D["w_star"]) ** 2))
+    for v in ("kkt_residual", "reference_distance", "primal_residual", "passed", "seconds", "num_steps",
+              "train_loss", "test_error"):
+        assert v in ds
+
+
+def test_failed_points_are_kept(data):
+    p, D = data
+    ds = ib.sweep(D["X"], D["y"], alphas=[0.1, 1.0], shapes=[0.0], progress=False,
+                  flow_kwargs=dict(max_steps=3))
+    assert list(ds["status"].values.ravel()) == ["max_steps", "max_steps"]
+    assert np.all(np.isfinite(ds["predictor"].values))
+
+
+def _sweep_cmd(p, out, extra=()):
+    return [sys.executable, "-m", "ibflow", "sweep", "--data", str(p / "d.npz"), "--net", "diagonal",
+            "--alpha", "1e-3:1:6", "--shape", "0,0.5", "--chunk-size", "2", "--out", str(out), "--no-progress",
+            *extra]
+
+
+def test_interrupted_sweep_resumes_without_recomputing(data, tmp_path):
+    p, D = data
+    out = tmp_path / "run"
+    proc = subprocess.Popen(_sweep_cmd(p, out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    chunks = out / "chunks"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (chunks.exists() and any(f.endswith(".nc") for f in os.listdir(chunks))):
+        time.sleep(0.2)
+    proc.kill()
+    proc.wait()
+    first = sorted(f for f in os.listdir(chunks) if f.endswith(".nc"))
+    assert first and not (out / "sweep.nc").exists() or len(first) == 6
+    stamps = {f: os.path.getmtime(chunks / f) for f in first}
+    assert main(_sweep_cmd(p, out)[3:]) == 0
+    after = sorted(f for f in os.listdir(chunks) if f.endswith(".nc"))
+    assert all(os.path.getmtime(chunks / f) == t for f, t in stamps.items())  # finished chunks untouched
+    ds = xr.open_dataset(out / "sweep.nc", engine="h5netcdf")
+    assert (ds["status"].values == "converged").all() and ds["predictor"].shape == (6, 2, 1, 20)
+    assert os.path.exists(out / "sweep.png")
+    # a third run computes nothing new
+    assert main(_sweep_cmd(p, out)[3:]) == 0
+    assert sorted(f for f in os.listdir(chunks) if f.endswith(".nc")) == after
+
+
+def test_different_sweep_in_same_dir_is_refused(data, tmp_path, capsys):
+    p, _ = data
+    out = tmp_path / "x"
+    assert main(_sweep_cmd(p, out, ["--certify"])[3:]) == 0
+    capsys.readouterr()
+    assert main(_sweep_cmd(p, out)[3:]) == 2
+    assert "different sweep" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("bad, needle", [(["--alpha", "1:2"], "LO:HI:COUNT"), (["--shape", "0,1.5"], "|s| < 1"),
+                                         (["--alpha", "0:1:3"], "0 < LO")])
+def test_sweep_bad_input(data, tmp_path, capsys, bad, needle):
+    p, _ = data
+    args = _sweep_cmd(p, tmp_path / "b")[3:]
+    i = args.index(bad[0])
+    args[i + 1] = bad[1]
+    assert main(args) == 2
+    assert needle in capsys.readouterr().err
+
+
+def test_sharded_over_four_host_devices(data, tmp_path):
+    """Chunks are sharded over all devices; four forced CPU devices give the same answers."""
+    p, D = data
+    code = (
+        "import numpy as np, jax, ibflow as ib, json, sys;"
+        "D = dict(np.load(sys.argv[1]));"
+        "ds = ib.sweep(D['X'], D['y'], alphas=[1e-2, 1.0], shapes=[0.0, 0.5], progress=False);"
+        "print(json.dumps(dict(n=len(jax.devices()), w=ds['predictor'].values.tolist())))"
+    )
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    out = subprocess.run([sys.executable, "-c", code, str(p / "d.npz")], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    assert res["n"] == 4
+    single = ib.sweep(D["X"], D["y"], alphas=[1e-2, 1.0], shapes=[0.0, 0.5], progress=False)
+    np.testing.assert_allclose(np.array(res["w"]), single["predictor"].values, rtol=1e-9, atol=1e-12)
