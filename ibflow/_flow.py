@@ -129,11 +129,13 @@ class FlowSolution(eqx.Module):
 
 
 def default_solver():
-    """The default stiff solver (`LinearlyImplicitExtrapolation(order_k=5)`)."""
-    return LinearlyImplicitExtrapolation(order_k=5)
+    """The default stiff solver, `LinearlyImplicitExtrapolation(order_k=7)`.
+
+    Order 7 measured best on the Azulay §9 problem (d = 1000, N = 100): 3-4× fewer steps
+    than order 5 at the same accuracy; order 9 became unstable for α ≤ 1e-4."""
+    return LinearlyImplicitExtrapolation(order_k=7)
 
 
-@eqx.filter_jit
 def gradient_flow(
     net: AbstractNetwork,
     X,
@@ -158,14 +160,16 @@ def gradient_flow(
     - `net`: the initial network θ(0) (any `AbstractNetwork`).
     - `X`: data, shape `(N, d)`, rows are samples. `y`: labels, shape `(N,)`.
     - `loss`: the training loss (default `SquareLoss()`, 1/(2N) normalisation).
-    - `solver`: any diffrax solver; default `LinearlyImplicitExtrapolation(5)`
+    - `solver`: any diffrax solver; default `LinearlyImplicitExtrapolation(7)`
       (stiff, Woodbury linear algebra). `diffrax.Kvaerno5()` (dense Jacobian) and
       explicit solvers such as `diffrax.Tsit5()` give a "pure" reference mode.
     - `rtol`, `atol`: tolerances of diffrax's `PIDController`.
     - `loss_rtol`: stop when `L(θ) ≤ max(loss_rtol·L(θ(0)), loss.floor(y))`.
     - `t_max`: time horizon (default ∞); reaching it unconverged is `not_converged`.
-    - `max_steps`: step budget; exhausting it is `max_steps`.
-    - `save_ts`: optional increasing times at which loss and predictor are recorded.
+    - `max_steps`: step budget; exhausting it is `max_steps` (or `stalled` when most
+      steps were rejected).
+    - `save_ts`: optional increasing times at which loss and predictor are recorded
+      (the solver steps onto them, so the trajectory is step-exact).
     - `warp`: optional `g(net) -> scalar > 0`; solves the time-warped flow
       `θ̇ = −g(θ)∇L(θ)`, which visits the same points (Azulay §5). A hashable function.
     - `throw`: raise on any outcome but convergence (default). With `throw=False`
@@ -173,10 +177,39 @@ def gradient_flow(
 
     **Returns:** a `FlowSolution`.
 
-    Works under `jax.jit`, `jax.vmap` and `jit(vmap)` over the network's arrays
-    (e.g. an α × s grid of initialisations). A vmapped adaptive solve steps all
-    members together until the slowest one has converged.
+    Works under `jax.jit`, `jax.vmap` and `jit(vmap)` over the network's arrays (e.g. an
+    α × s grid of initialisations); new values of the arrays or of the tolerances do not
+    recompile. A vmapped adaptive solve steps all members together until the slowest one
+    has converged.
     """
+    dtype = jnp.result_type(float)
+    return _gradient_flow(
+        net, X, y, loss=loss, solver=solver, rtol=jnp.asarray(rtol, dtype), atol=jnp.asarray(atol, dtype),
+        loss_rtol=jnp.asarray(loss_rtol, dtype), t_max=jnp.asarray(t_max, dtype),
+        dt0=None if dt0 is None else jnp.asarray(dt0, dtype), max_steps=max_steps, save_ts=save_ts, warp=warp,
+        throw=throw,
+    )
+
+
+@eqx.filter_jit
+def _gradient_flow(
+    net: AbstractNetwork,
+    X,
+    y,
+    *,
+    loss: AbstractLoss = SquareLoss(),
+    solver: dfx.AbstractSolver | None = None,
+    rtol: float = 1e-10,
+    atol: float = 1e-12,
+    loss_rtol: float = 1e-24,
+    t_max: float = jnp.inf,
+    dt0: float | None = None,
+    max_steps: int = 20_000,
+    save_ts: Array | None = None,
+    warp=None,
+    throw: bool = True,
+) -> FlowSolution:
+    """The jitted body of `gradient_flow` (tolerances arrive as arrays)."""
     X = jnp.asarray(X)
     y = jnp.asarray(y)
     if X.ndim != 2 or y.ndim != 1 or X.shape[0] != y.shape[0]:

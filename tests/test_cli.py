@@ -36,7 +36,10 @@ def files(tmp_path_factory):
 
 def _run(args, tmp):
     out = tmp / "r.json"
-    rc = main(args + ["--out", str(out)])
+    try:
+        rc = main(args + ["--out", str(out)])
+    except SystemExit as e:  # argparse's own errors (one line, status 2)
+        rc = e.code
     return rc, (json.loads(out.read_text()) if out.exists() else None)
 
 

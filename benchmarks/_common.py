@@ -1,0 +1,129 @@
+"""Shared set-up for the benchmarks: the Azulay §9 problem, the exact limit (dual Newton),
+and the peers a researcher would otherwise use, run on identical problems.
+
+Peers (issue "Performance"): the plain GD loop of the original papers (NumPy, learning rate
+1e-3, stop at train MSE < 1e-10), SciPy `solve_ivp` LSODA (rtol 1e-10, atol 1e-14) on the
+same parameter ODE, and a naive diffrax solve (Tsit5 + PID controller, stop on loss).
+"""
+
+import resource
+import time
+
+import jax
+import numpy as np
+
+import ibflow as ib
+
+
+def peak_rss_mib():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def problem(dim=1000, samples=100, seed=0):
+    D = ib.sparse_regression(num_samples=samples, dim=dim, seed=seed)
+    return D["X"], D["y"], D["w_star"]
+
+
+def reference(net, X, y):
+    """The exact limit (dual Newton on the Thm 4.1 / App. B potential) and its wall time."""
+    pot = ib.implicit_potential(net)
+    ref = ib.dual_newton(pot, X, y)
+    jax.block_until_ready(ref.w)
+    t = time.perf_counter()
+    ref = ib.dual_newton(pot, X, y)
+    jax.block_until_ready(ref.w)
+    return np.asarray(ref.w), time.perf_counter() - t
+
+
+def rel(a, b):
+    return float(np.linalg.norm(np.asarray(a) - b) / np.linalg.norm(b))
+
+
+def diag_params(net):
+    return np.concatenate([np.asarray(net.plus).ravel(), np.asarray(net.minus).ravel()])
+
+
+def _diag_grad(theta, X, y, L, d):
+    P = theta.reshape(2, L, d)
+    prod_p, prod_m = np.prod(P[0], 0), np.prod(P[1], 0)
+    r = X @ (prod_p - prod_m) - y
+    g = X.T @ r / len(y)
+    out = np.empty_like(P)
+    for l in range(L):
+        out[0, l] = g * np.prod(np.delete(P[0], l, 0), 0)
+        out[1, l] = -g * np.prod(np.delete(P[1], l, 0), 0)
+    return out.ravel(), 0.5 * np.mean(r**2), prod_p - prod_m
+
+
+def gd_loop(net, X, y, lr=1e-3, mse_tol=1e-10, max_iter=50_000_000, time_limit=120.0):
+    """The original papers' GD loop (NumPy): θ ← θ − η∇L until train MSE < 1e-10."""
+    L, d = net.plus.shape
+    theta = diag_params(net)
+    t0 = time.perf_counter()
+    it = 0
+    while it < max_iter:
+        g, loss, w = _diag_grad(theta, X, y, L, d)
+        if 2 * loss < mse_tol:
+            break
+        theta -= lr * g
+        it += 1
+        if it % 1000 == 0 and time.perf_counter() - t0 > time_limit:
+            return w, time.perf_counter() - t0, it, False
+    return w, time.perf_counter() - t0, it, True
+
+
+def lsoda(net, X, y, loss_rtol=1e-24, rtol=1e-10, atol=1e-14, t_max=1e12):
+    """SciPy LSODA on the parameter ODE θ̇ = −∇L(θ), stopped by an event at the same loss
+    target as ibflow."""
+    from scipy.integrate import solve_ivp
+
+    L, d = net.plus.shape
+    theta0 = diag_params(net)
+    _, loss0, _ = _diag_grad(theta0, X, y, L, d)
+    target = loss_rtol * loss0
+    nfev = [0]
+
+    def f(t, th):
+        nfev[0] += 1
+        return -_diag_grad(th, X, y, L, d)[0]
+
+    def event(t, th):
+        return np.log(_diag_grad(th, X, y, L, d)[1]) - np.log(target)
+
+    event.terminal = True
+    t0 = time.perf_counter()
+    sol = solve_ivp(f, (0, t_max), theta0, method="LSODA", rtol=rtol, atol=atol, events=event)
+    wall = time.perf_counter() - t0
+    w = _diag_grad(sol.y[:, -1], X, y, L, d)[2]
+    return w, wall, nfev[0], sol.status == 1
+
+
+def naive_diffrax(net, X, y, max_steps=200_000):
+    """Tsit5 + PID (diffrax), stop on the same loss target: the first attempt the issue describes."""
+    import diffrax as dfx
+
+    sol = ib.gradient_flow(net, X, y, solver=dfx.Tsit5(), max_steps=max_steps, throw=False)
+    jax.block_until_ready(sol.predictor)
+    t0 = time.perf_counter()
+    sol = ib.gradient_flow(net, X, y, solver=dfx.Tsit5(), max_steps=max_steps, throw=False)
+    jax.block_until_ready(sol.predictor)
+    return np.asarray(sol.predictor), time.perf_counter() - t0, int(sol.num_steps) * 6, sol.status == "converged"
+
+
+def ibflow_flow(net, X, y, **kw):
+    """ibflow's default solve; returns (w, seconds after compilation, compile+run seconds, fevals, ok)."""
+    t0 = time.perf_counter()
+    sol = ib.gradient_flow(net, X, y, throw=False, **kw)
+    jax.block_until_ready(sol.predictor)
+    first = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    sol = ib.gradient_flow(net, X, y, throw=False, **kw)
+    jax.block_until_ready(sol.predictor)
+    return np.asarray(sol.predictor), time.perf_counter() - t0, first, int(sol.num_fevals), sol.status == "converged"
+
+
+def table(rows, header):
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in rows:
+        lines.append("| " + " | ".join(r) + " |")
+    return "\n".join(lines)

@@ -1,0 +1,81 @@
+"""ibflow against its peers, per initialisation, on the Azulay §9 problem (d = 1000, N = 100).
+
+    python benchmarks/peers.py [--quick] [--skip-gd] [--skip-lsoda]
+
+Prints a Markdown table: seconds per initialisation, function evaluations, relative
+error vs the exact limit (dual Newton), and the ratios the performance goals name.
+The GD loop and LSODA get a time limit per run (reported as "> limit" when hit).
+"""
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+import ibflow as ib  # noqa: E402
+from _common import gd_loop, ibflow_flow, lsoda, naive_diffrax, peak_rss_mib, problem, reference, rel, table  # noqa: E402
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="d = 200, N = 40, fewer cases")
+    ap.add_argument("--skip-gd", action="store_true")
+    ap.add_argument("--skip-lsoda", action="store_true")
+    ap.add_argument("--skip-diffrax", action="store_true")
+    ap.add_argument("--limit", type=float, default=120.0, help="seconds allowed to each peer run")
+    args = ap.parse_args()
+    dim, N = (200, 40) if args.quick else (1000, 100)
+    X, y, _ = problem(dim, N)
+    cases = [(a, s, 2) for a in (1e-4, 1e-2, 1.0) for s in (0.0, 0.9)] + [(1e-2, 0.0, 3)]
+    if args.quick:
+        cases = cases[::2]
+    rows = []
+    for alpha, s, depth in cases:
+        net = ib.diagonal_init(alpha, s, dim, depth=depth)
+        if depth == 2:
+            ref, t_ref = reference(net, X, y)
+        else:  # no closed form: the tightest independent solve is ibflow at rtol 1e-12
+            ref = np.asarray(ib.gradient_flow(net, X, y, rtol=1e-12, atol=1e-14).predictor)
+            t_ref = float("nan")
+        w, t_ib, t_first, fe_ib, ok = ibflow_flow(net, X, y)
+        row = dict(case=f"α={alpha:g}, s={s:g}, L={depth}", ib=(t_ib, t_first, fe_ib, rel(w, ref), ok), ref=t_ref)
+        if not args.skip_lsoda:
+            w2, t2, fe2, ok2 = lsoda(net, X, y)
+            row["lsoda"] = (t2, fe2, rel(w2, ref), ok2)
+        if not args.skip_gd and depth == 2:
+            w3, t3, it3, ok3 = gd_loop(net, X, y, time_limit=args.limit)
+            row["gd"] = (t3, it3, rel(w3, ref), ok3)
+        if not args.skip_diffrax:
+            w4, t4, fe4, ok4 = naive_diffrax(net, X, y, max_steps=20_000 if args.quick else 200_000)
+            row["dfx"] = (t4, fe4, rel(w4, ref), ok4)
+        rows.append(row)
+        print(f"done {row['case']}", file=sys.stderr, flush=True)
+
+    def fmt_peer(r, key):
+        if key not in r:
+            return ["-", "-", "-", "-"]
+        t, fe, err, ok = r[key]
+        return [f"{t:.3g}" + ("" if ok else " (not converged)"), f"{fe}", f"{err:.1e}",
+                f"{t / r['ib'][0]:.0f}×"]
+
+    out = []
+    for r in rows:
+        t, tf, fe, err, ok = r["ib"]
+        out.append([r["case"], f"{t:.3g}", f"{tf:.3g}", f"{fe}", f"{err:.1e}" + ("" if ok else " (!)"),
+                    f"{r['ref'] * 1e3:.1f}", f"{t / r['ref']:.0f}×" if np.isfinite(r["ref"]) else "-",
+                    *fmt_peer(r, "lsoda"), *fmt_peer(r, "gd"), *fmt_peer(r, "dfx")])
+    header = ["case", "ibflow s", "ibflow s (1st call)", "ibflow fevals", "ibflow rel.err", "dual-Newton ms",
+              "ibflow/floor", "LSODA s", "LSODA fevals", "LSODA err", "LSODA/ibflow", "GD s", "GD iters", "GD err",
+              "GD/ibflow", "Tsit5 s", "Tsit5 fevals", "Tsit5 err", "Tsit5/ibflow"]
+    print(f"\n### Per initialisation, d = {dim}, N = {N}, device: {jax.devices()[0].device_kind}, "
+          f"{os.cpu_count()} CPUs\n")
+    print(table(out, header))
+    print(f"\npeak resident memory: {peak_rss_mib():.0f} MiB")
+
+
+if __name__ == "__main__":
+    main()
