@@ -53,7 +53,7 @@ print("RESULT " + json.dumps(dict(dim=dim, dtype=dtype, device=jax.devices()[0].
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--dims", default="1000,10000,100000")
-    ap.add_argument("--dtypes", default="float64,float32")
+    ap.add_argument("--dtypes", default="float64", help="float32 is experimental: the stiff solver stalls at float32 round-off")
     ap.add_argument("--n-alpha", type=int, default=20)
     ap.add_argument("--out", default=None)
     ap.add_argument("--timeout", type=float, default=900)

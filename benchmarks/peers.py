@@ -27,6 +27,7 @@ def main():
     ap.add_argument("--skip-lsoda", action="store_true")
     ap.add_argument("--skip-diffrax", action="store_true")
     ap.add_argument("--limit", type=float, default=120.0, help="seconds allowed to each peer run")
+    ap.add_argument("--tsit5-steps", type=int, default=200_000, help="step budget of the naive diffrax solve")
     args = ap.parse_args()
     dim, N = (200, 40) if args.quick else (1000, 100)
     X, y, _ = problem(dim, N)
@@ -50,7 +51,7 @@ def main():
             w3, t3, it3, ok3 = gd_loop(net, X, y, time_limit=args.limit)
             row["gd"] = (t3, it3, rel(w3, ref), ok3)
         if not args.skip_diffrax:
-            w4, t4, fe4, ok4 = naive_diffrax(net, X, y, max_steps=20_000 if args.quick else 200_000)
+            w4, t4, fe4, ok4 = naive_diffrax(net, X, y, max_steps=args.tsit5_steps)
             row["dfx"] = (t4, fe4, rel(w4, ref), ok4)
         rows.append(row)
         print(f"done {row['case']}", file=sys.stderr, flush=True)

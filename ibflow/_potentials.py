@@ -279,8 +279,22 @@ class DeepDiagonal(AbstractPotential):
         return (kern(_layer_flow(self.plus, v)) + kern(_layer_flow(self.minus, -v))) * dv
 
     def mirror(self, w):
+        # Safeguarded Newton on v ↦ φ⁻¹(v) − w (increasing; derivative = tangent kernel),
+        # falling back to bisection whenever a Newton step leaves the bracket.
         lo, hi = self._range()
-        return _bisect(self.inverse_mirror, w, lo, hi, iters=120)
+
+        def body(_, state):
+            v, lo, hi = state
+            f = self.inverse_mirror(v) - w
+            df = self.inverse_mirror_jvp(v, jnp.ones_like(v))
+            up = jnp.where(jnp.isfinite(f), f < 0, v < 0)
+            lo, hi = jnp.where(up, v, lo), jnp.where(up, hi, v)
+            vn = v - f / df
+            ok = jnp.isfinite(vn) & (vn > lo) & (vn < hi)
+            return jnp.where(ok, vn, 0.5 * (lo + hi)), lo, hi
+
+        v, _, _ = jax.lax.fori_loop(0, 60, body, (jnp.zeros_like(w), lo, hi))
+        return v
 
     def _range(self):
         # For L ≥ 3 the layers blow up at a finite G; bisection treats non-finite values

@@ -71,7 +71,13 @@ def dual_newton(potential: AbstractPotential, X, y, *, tol: float = 1e-13, max_i
             below = jnp.isfinite(dm) & (dm < 0)
             return jnp.where(below, mid, lo), jnp.where(below, hi, mid)
 
-        lo, hi = jax.lax.fori_loop(0, line_search_iters, ls_body, (0.0, 1.0))
+        # The bisection runs only when the full Newton step overshoots (or overflows).
+        lo, hi = jax.lax.cond(
+            accept_full,
+            lambda: (jnp.asarray(1.0, nu.dtype), jnp.asarray(1.0, nu.dtype)),
+            lambda: jax.lax.fori_loop(0, line_search_iters, ls_body,
+                                      (jnp.asarray(0.0, nu.dtype), jnp.asarray(1.0, nu.dtype))),
+        )
         t = jnp.where(accept_full, 1.0, jnp.where(lo > 0, lo, 0.5 * hi))
         nu_new = nu - t * p
         return nu_new, grad(nu_new), it + 1
