@@ -192,11 +192,6 @@ def cmd_sweep(args) -> int:
     alphas = _parse_alpha(args.alpha)
     shapes = _parse_list(args.shape, "shape")
     seeds = _parse_list(args.seed, "seed", int)
-    for s in shapes:
-        if not np.isfinite(s) or abs(s) >= 1:
-            raise InputError(f"--shape values must satisfy |s| < 1, got {s}")
-    if args.net == "diagonal-tied" and any(s != 0 for s in shapes):
-        raise InputError("--net diagonal-tied has tied layers and no shape: use --shape 0")
     if args.depth is not None and args.depth < 2:
         raise InputError(f"--depth must be >= 2, got {args.depth}")
     try:

@@ -184,31 +184,14 @@ def gradient_flow(
     """
     dtype = jnp.result_type(float)
     return _gradient_flow(
-        net, X, y, loss=loss, solver=solver, rtol=jnp.asarray(rtol, dtype), atol=jnp.asarray(atol, dtype),
-        loss_rtol=jnp.asarray(loss_rtol, dtype), t_max=jnp.asarray(t_max, dtype),
-        dt0=None if dt0 is None else jnp.asarray(dt0, dtype), max_steps=max_steps, save_ts=save_ts, warp=warp,
-        throw=throw,
+        net, X, y, loss, solver, jnp.asarray(rtol, dtype), jnp.asarray(atol, dtype),
+        jnp.asarray(loss_rtol, dtype), jnp.asarray(t_max, dtype), None if dt0 is None else jnp.asarray(dt0, dtype),
+        max_steps, save_ts, warp, throw,
     )
 
 
 @eqx.filter_jit
-def _gradient_flow(
-    net: AbstractNetwork,
-    X,
-    y,
-    *,
-    loss: AbstractLoss = SquareLoss(),
-    solver: dfx.AbstractSolver | None = None,
-    rtol: float = 1e-10,
-    atol: float = 1e-12,
-    loss_rtol: float = 1e-24,
-    t_max: float = jnp.inf,
-    dt0: float | None = None,
-    max_steps: int = 20_000,
-    save_ts: Array | None = None,
-    warp=None,
-    throw: bool = True,
-) -> FlowSolution:
+def _gradient_flow(net, X, y, loss, solver, rtol, atol, loss_rtol, t_max, dt0, max_steps, save_ts, warp, throw):
     """The jitted body of `gradient_flow` (tolerances arrive as arrays)."""
     X = jnp.asarray(X)
     y = jnp.asarray(y)

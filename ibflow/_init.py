@@ -182,3 +182,22 @@ def _infer_dim(dim, *arrays):
     if dim is None:
         raise ValueError("pass `dim` when alpha and shape are scalars")
     return dim
+
+
+def init_by_name(kind: str, dim: int, alpha, shape, *, depth: int = 2, width: int = 1, slope: float = 0.2,
+                 key=None):
+    """The initial network of the CLI kind `kind` (`diagonal`, `diagonal-tied`, `fc`, `conv`,
+    `leaky-relu`, `linear`) from (α, s); traceable in `alpha`, `shape` and `key`."""
+    if kind == "diagonal":
+        return diagonal_init(alpha, shape, dim, depth=depth)
+    if kind == "diagonal-tied":
+        return tied_diagonal_init(alpha, dim, depth=depth)
+    if kind == "fc":
+        return fully_connected_init(alpha, shape, dim, width=width, depth=depth, key=key)
+    if kind == "conv":
+        return conv_init(alpha, shape, dim, depth=depth, key=key)
+    if kind == "leaky-relu":
+        return leaky_relu_init(alpha, shape, dim, slope=slope, key=key)
+    if kind == "linear":
+        return linear_init(alpha, dim, key=key)
+    raise ValueError(f"unknown net {kind!r}")

@@ -15,14 +15,7 @@ import os
 import jax.numpy as jnp
 import numpy as np
 
-from ._init import (
-    conv_init,
-    diagonal_init,
-    fully_connected_init,
-    leaky_relu_init,
-    linear_init,
-    tied_diagonal_init,
-)
+from ._init import init_by_name
 from ._networks import (
     ConvNet,
     DiagonalNet,
@@ -96,22 +89,11 @@ def network_from_scale_shape(kind, d, alpha, shape, *, depth=2, width=1, slope=0
     import jax
 
     check_scale_shape(alpha, shape)
-    key = jax.random.PRNGKey(seed)
-    if kind == "diagonal":
-        return diagonal_init(alpha, shape, d, depth=depth)
-    if kind == "diagonal-tied":
-        if shape != 0:
-            raise InputError("--net diagonal-tied has tied layers and no shape: use --shape 0")
-        return tied_diagonal_init(alpha, d, depth=depth)
-    if kind == "fc":
-        return fully_connected_init(alpha, shape, d, width=width, depth=depth, key=key)
-    if kind == "conv":
-        return conv_init(alpha, shape, d, depth=depth, key=key)
-    if kind == "leaky-relu":
-        return leaky_relu_init(alpha, shape, d, slope=slope, key=key)
-    if kind == "linear":
-        return linear_init(alpha, d, key=key)
-    raise InputError(f"unknown --net {kind!r}; choose from {', '.join(NETS)}")
+    if kind not in NETS:
+        raise InputError(f"unknown --net {kind!r}; choose from {', '.join(NETS)}")
+    if kind == "diagonal-tied" and shape != 0:
+        raise InputError("--net diagonal-tied has tied layers and no shape: use --shape 0")
+    return init_by_name(kind, d, alpha, shape, depth=depth, width=width, slope=slope, key=jax.random.PRNGKey(seed))
 
 
 def _need(raw, path, *keys):

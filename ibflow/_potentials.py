@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
+from ._networks import DiagonalNet
+
 
 class AbstractPotential(eqx.Module):
     """An implicit-bias potential Q with mirror map `φ = ∇Q` and inverse `φ⁻¹`."""
@@ -270,13 +272,9 @@ class DeepDiagonal(AbstractPotential):
         return jnp.prod(ap, axis=0) - jnp.prod(am, axis=0)
 
     def inverse_mirror_jvp(self, v, dv):
-        # dρ^±/dG = Σ_l Π_{m≠l} a_m² (the per-coordinate tangent kernel).
-        def kern(a):
-            L = a.shape[0]
-            return sum(jnp.prod(jnp.delete(a, l, axis=0, assume_unique_indices=True) ** 2, axis=0)
-                       for l in range(L))
-
-        return (kern(_layer_flow(self.plus, v)) + kern(_layer_flow(self.minus, -v))) * dv
+        # dρ^±/dG = Σ_l Π_{m≠l} a_m²: the per-coordinate tangent kernel of the evolved layers.
+        evolved = DiagonalNet(_layer_flow(self.plus, v), _layer_flow(self.minus, -v))
+        return evolved.predictor_kernel_diagonal() * dv
 
     def mirror(self, w):
         # Safeguarded Newton on v ↦ φ⁻¹(v) − w (increasing; derivative = tangent kernel),

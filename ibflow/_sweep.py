@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ._flow import gradient_flow
+from ._init import init_by_name
 from ._io import network_from_scale_shape
 from ._results import status_words
 
@@ -36,23 +37,8 @@ CERT_FIELDS = ("kkt_residual", "reference_distance", "primal_residual", "passed"
 
 def _solver_fn(kind, d, depth, width, slope, X, y, flow_kwargs):
     def one(alpha, shape, seed):
-        key = jax.random.PRNGKey(seed)
-        from . import _init as I
-
-        if kind == "diagonal":
-            net = I.diagonal_init(alpha, shape, d, depth=depth)
-        elif kind == "diagonal-tied":
-            net = I.tied_diagonal_init(alpha, d, depth=depth)
-        elif kind == "fc":
-            net = I.fully_connected_init(alpha, shape, d, width=width, depth=depth, key=key)
-        elif kind == "conv":
-            net = I.conv_init(alpha, shape, d, depth=depth, key=key)
-        elif kind == "leaky-relu":
-            net = I.leaky_relu_init(alpha, shape, d, slope=slope, key=key)
-        elif kind == "linear":
-            net = I.linear_init(alpha, d, key=key)
-        else:
-            raise ValueError(f"unknown net {kind!r}")
+        net = init_by_name(kind, d, alpha, shape, depth=depth, width=width, slope=slope,
+                           key=jax.random.PRNGKey(seed))
         sol = gradient_flow(net, X, y, throw=False, **flow_kwargs)
         return sol.predictor, sol.loss, sol.num_steps, sol.t_end, sol.invariant_drift, sol.result, sol.network
 
