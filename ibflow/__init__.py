@@ -35,7 +35,27 @@ from ._init import (
     scale_shape as scale_shape,
     tied_diagonal_init as tied_diagonal_init,
 )
-from ._losses import AbstractLoss as AbstractLoss, SquareLoss as SquareLoss
+from ._classify import (
+    MarginFlowSolution as MarginFlowSolution,
+    MarginRecord as MarginRecord,
+    margin_flow as margin_flow,
+)
+from ._losses import (
+    AbstractLoss as AbstractLoss,
+    AbstractMarginLoss as AbstractMarginLoss,
+    ExponentialLoss as ExponentialLoss,
+    LogisticLoss as LogisticLoss,
+    SquareLoss as SquareLoss,
+)
+from ._margin import (
+    MarginCertificate as MarginCertificate,
+    NotSeparableError as NotSeparableError,
+    certify_margin as certify_margin,
+    check_separable as check_separable,
+    margin_geometry as margin_geometry,
+    max_margin as max_margin,
+    svm_l2 as svm_l2,
+)
 from ._networks import (
     AbstractNetwork as AbstractNetwork,
     ConvNet as ConvNet,

@@ -50,6 +50,13 @@ class AbstractNetwork(eqx.Module):
         O(N²d) instead of through the N×P output Jacobian."""
         return None
 
+    @property
+    def degree(self) -> int:
+        """Degree K of positive homogeneity in the trainable parameters:
+        `f(x; cθ) = c^K f(x; θ)` for c > 0 (Lyu & Li 2020). Equal to the depth for the
+        linear tensor networks, 2 for the leaky-ReLU neuron, 1 for `Linear`."""
+        return self.depth  # pyright: ignore
+
     def trainable(self):
         """Filter spec (a PyTree of bools like `self`) of the leaves gradient flow moves.
 
@@ -83,6 +90,10 @@ class Linear(AbstractNetwork):
     @property
     def dim(self) -> int:
         return self.w.shape[0]
+
+    @property
+    def degree(self) -> int:
+        return 1
 
     def predictor(self):
         return self.w
@@ -356,6 +367,10 @@ class LeakyReLUNeuron(AbstractNetwork):
     @property
     def dim(self) -> int:
         return self.w.shape[0]
+
+    @property
+    def degree(self) -> int:
+        return 2
 
     def predictor(self):
         return self.a * self.w

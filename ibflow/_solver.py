@@ -36,7 +36,11 @@ class LinearlyImplicitExtrapolation(dfx.AbstractAdaptiveSolver):
 
     Requires `args` of `diffeqsolve` to provide `gauss_newton(y) -> (K, apply, apply_T)`
     with `K = GGᵀ` (N×N), `apply(b) = Gb`, `apply_T(z) = Gᵀz`, where `GᵀG` is the
-    Gauss–Newton Hessian in flattened coordinates (see `GradientFlowProblem`).
+    Gauss–Newton Hessian in flattened coordinates (see `GradientFlowProblem`). An optional
+    fourth element `(D, C)` adds stiff coordinates outside G's range (zero columns of G,
+    e.g. the flow-time variable of `MarginFlowProblem`): their rows of A are
+    `−D_i e_i + C_i`, with `D` a vector (zero elsewhere) and `C(x)` the linear map giving
+    those rows' coupling to the other coordinates (zero elsewhere).
 
     **Arguments:**
 
@@ -71,7 +75,9 @@ class LinearlyImplicitExtrapolation(dfx.AbstractAdaptiveSolver):
         def f(flat):
             return ravel_pytree(terms.vf(t0, unravel(flat), args))[0]
 
-        K, apply, apply_T = args.gauss_newton(y0)
+        gn = args.gauss_newton(y0)
+        K, apply, apply_T = gn[:3]
+        decoupled, coupling = gn[3] if len(gn) > 3 else (None, None)
         # One eigendecomposition of the N×N kernel serves every sub-step size h. (Cholesky or
         # LU per h is ~10× cheaper, but batched LAPACK getrf/potrf inside the vmapped solve
         # loop hung XLA's CPU backend for batches >= 3 at N = 100 in jax 0.10.2; eigh does not.)
@@ -81,7 +87,15 @@ class LinearlyImplicitExtrapolation(dfx.AbstractAdaptiveSolver):
         def solver_for(h):
             # (I + h GᵀG)⁻¹ b = b − Gᵀ Q diag(h/(1 + hλ)) Qᵀ G b   (Woodbury)
             c = h / (1 + h * lam)
-            return lambda b: b - apply_T(Q @ (c * (Q.T @ apply(b))))
+            if decoupled is None:
+                return lambda b: b - apply_T(Q @ (c * (Q.T @ apply(b))))
+            # Coordinates with a zero column of G, their own stiff rate D_i and a coupling row
+            # C_i to the others (a block lower-triangular W): x_i = (b_i + h C_i·x)/(1 + hD_i).
+            def solve(b):
+                x = b - apply_T(Q @ (c * (Q.T @ apply(b))))
+                return (x + h * coupling(x)) / (1 + h * decoupled)
+
+            return solve
 
         f0 = f(flat0)
         seq = tuple(range(1, self.order_k + 1))

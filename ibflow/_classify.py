@@ -1,0 +1,364 @@
+"""Gradient flow on separable classification data, integrated in warped time to
+extreme loss levels (1e-100, 1e-300 and far below).
+
+**Loss and time.** `L(θ) = (1/N) Σ_n ℓ(y_n f(x_n; θ))` with ℓ exponential or
+logistic (`ExponentialLoss`, `LogisticLoss`), always handled through `log L`.
+The flow is the exact gradient flow `dθ/dt = −∇L(θ)`; on separable data L → 0 only
+as t → ∞ and directions converge like 1/log t (math.md §4), so t must reach 1e100
+and beyond. We integrate the same trajectory in the warped time τ of
+
+    dθ/dτ = −g(θ) ∇ log L(θ),   g(θ) = (1 + ‖θ‖²)^{(2−K)/2},
+    du/dτ = g(θ) (e^{−u} − ‖∇ log L(θ)‖²),   u = log((1 + t) L(θ)),
+
+where K is the network's homogeneity degree. Since `−∇L = −L ∇log L`, this is the
+gradient flow re-timed by `dt/dτ = g/L > 0`, which visits the same points
+(Azulay et al. 2021 §5, math.md §5.3); the flow time is carried along through
+`log(1 + t) = u − log L`, so `t ≈ 1e300` and beyond is representable. (u relaxes at the
+stiff rate `g e^{−u}` towards the slowly varying `−2 log‖∇ log L‖`; `log(1+t)` itself
+would chase the fast-growing `log(1/L)` and cost steps ∝ log(1/L).) The factor g makes `‖θ‖` grow
+exponentially in τ for every K (without it, K ≥ 3 blows up in finite τ), so
+`log(1/L)` grows doubly exponentially in τ and a requested loss level is reached in
+a few hundred steps of the stiff solver (`LinearlyImplicitExtrapolation`, whose
+Gauss–Newton factor is built from the curvature of log L).
+"""
+
+import diffrax as dfx
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jax.flatten_util import ravel_pytree
+from jaxtyping import Array, Float
+
+from ._losses import AbstractMarginLoss, ExponentialLoss
+from ._networks import AbstractNetwork, FullyConnectedNet
+from ._results import RESULTS, status_word
+from ._solver import LinearlyImplicitExtrapolation
+
+
+class MarginFlowProblem(eqx.Module):
+    """The warped-time classification flow (see the module docstring), as diffrax `args`.
+
+    State: `(params, u)`, `u = log((1+t)L)`. Provides the vector field and the Gauss–Newton factor
+    of `g·∇² log L` used by `LinearlyImplicitExtrapolation`.
+    """
+
+    frozen: AbstractNetwork
+    X: Float[Array, "N d"]
+    y: Float[Array, " N"]
+    loss: AbstractMarginLoss
+    degree: int = eqx.field(static=True)
+    log_target: Float[Array, ""]
+    log1p_t_max: Float[Array, ""]
+
+    def network(self, params) -> AbstractNetwork:
+        return eqx.combine(params, self.frozen)
+
+    def log_loss(self, params):
+        return self.loss.log_value(self.network(params).outputs(self.X), self.y)
+
+    def warp(self, params):
+        sq = sum(jnp.sum(x**2) for x in jax.tree_util.tree_leaves(params))
+        return (1.0 + sq) ** (0.5 * (2 - self.degree))
+
+    def vector_field(self, tau, state, _):
+        params, u = state
+        grad = jax.grad(self.log_loss)(params)
+        g = self.warp(params)
+        dparams = jax.tree_util.tree_map(lambda x: -g * x, grad)
+        sq = sum(jnp.sum(x**2) for x in jax.tree_util.tree_leaves(grad))
+        return dparams, g * (jnp.exp(-u) - sq)
+
+    def log1p_t(self, state):
+        params, u = state
+        return u - self.log_loss(params)
+
+    def gauss_newton(self, state):
+        """`G = √g · R · diag(y) · J` with `RᵀR = diag(p) − ppᵀ(2 − Σp)` ⪰ 0, the
+        curvature of log L in the margins (exact for the exponential loss, where
+        Σp = 1), J the output Jacobian; the time coordinate u gets a zero column
+        and its own stiff rate `D` and coupling row. Returned as
+        `(K = GGᵀ, apply, apply_T, (D, coupling))` (see `LinearlyImplicitExtrapolation`)."""
+        params, u = state
+        flat, unravel = ravel_pytree(params)
+        net = self.network(params)
+        F = net.outputs(self.X)
+        p = self.loss.weights(F, self.y)
+        # u relaxes at the rate g e^{−u} (~‖θ‖^K late on) and is driven by θ through
+        # −g‖∇ log L‖², whose θ-derivative is as large: both go into W (block triangular).
+        D = jnp.append(jnp.zeros_like(flat), self.warp(params) * jnp.exp(-u))
+        u_rate = lambda v: self.vector_field(None, (unravel(v), u), None)[1]
+        row = jax.grad(u_rate)(flat)
+        coupling = lambda x: jnp.append(jnp.zeros_like(flat), jnp.dot(row, x[:-1]))
+        R = jnp.sqrt(p)[:, None] * (jnp.eye(p.shape[0]) - p[None, :])
+        R = jnp.sqrt(self.warp(params)) * R * self.y[None, :]
+        kdiag = net.predictor_kernel_diagonal() if net.is_linear else None
+        if kdiag is not None:
+            Xc = R @ self.X
+            K = (Xc * kdiag) @ Xc.T
+            w_fn = lambda v: self.network(unravel(v)).predictor()
+            _, jvp = jax.linearize(w_fn, flat)
+            vjp = jax.linear_transpose(jvp, flat)
+            apply = lambda b: Xc @ jvp(b[:-1])
+            apply_T = lambda z: jnp.append(vjp(Xc.T @ z)[0], 0.0)
+            return K, apply, apply_T, (D, coupling)
+        out = lambda v: self.network(unravel(v)).outputs(self.X)
+        G = R @ jax.jacrev(out)(flat)
+        return G @ G.T, lambda b: G @ b[:-1], lambda z: jnp.append(G.T @ z, 0.0), (D, coupling)
+
+
+def _stop(tau, state, problem: MarginFlowProblem, **kwargs):
+    return (problem.log_loss(state[0]) <= problem.log_target) | (problem.log1p_t(state) >= problem.log1p_t_max)
+
+
+def _layer_alignment(net: AbstractNetwork):
+    """Ji & Telgarsky (2019) diagnostics of a deep linear fully connected net: for each
+    hidden matrix the top-σ² fraction `σ₁²/‖W_l‖_F²` (→ 1: rank-1), and for each pair of
+    adjacent layers `|⟨v_{l+1}, u_l⟩|` (→ 1: aligned), where layer l maps by `W_lᵀ`
+    with top singular pair (u_l, v_l) and the output layer is `aᵀ`. NaN arrays for
+    other networks."""
+    if not isinstance(net, FullyConnectedNet):
+        return jnp.full((0,), jnp.nan), jnp.full((0,), jnp.nan)
+    ratios, us, vs = [], [], []
+    for W in net.weights:
+        U, S, Vt = jnp.linalg.svd(W.T, full_matrices=False)
+        ratios.append(S[0] ** 2 / jnp.sum(S**2))
+        us.append(U[:, 0])
+        vs.append(Vt[0])
+    vs.append(net.a / jnp.linalg.norm(net.a))
+    align = [jnp.abs(jnp.dot(vs[l + 1], us[l])) for l in range(len(us))]
+    return jnp.stack(ratios), jnp.stack(align)
+
+
+class MarginRecord(eqx.Module):
+    """Diagnostics recorded when the loss first falls below each requested level
+    (leading axis: the levels, last one the stopping level).
+
+    - `log_loss`: log L (natural log). `log1p_t`: log(1 + t), t the gradient-flow time.
+    - `margin`: minimum margin γ = min_n y_n f(x_n). `normalized_margin`: γ/‖θ‖^K.
+    - `direction`: w̃/‖w̃‖ (end-to-end predictor direction).
+    - `layer_rank1`, `layer_alignment`: Ji–Telgarsky diagnostics (fully connected only).
+    - `num_steps`: cumulative solver steps.
+    """
+
+    log_loss: Array
+    log1p_t: Array
+    margin: Array
+    normalized_margin: Array
+    direction: Array
+    layer_rank1: Array
+    layer_alignment: Array
+    num_steps: Array
+
+
+def _diagnostics(problem: MarginFlowProblem, params, log1p_t, steps) -> MarginRecord:
+    net = problem.network(params)
+    z = problem.y * net.outputs(problem.X)
+    gamma = jnp.min(z)
+    sq = sum(jnp.sum(x**2) for x in jax.tree_util.tree_leaves(params))
+    w = net.predictor()
+    r1, al = _layer_alignment(net)
+    return MarginRecord(
+        log_loss=problem.log_loss(params),
+        log1p_t=log1p_t,
+        margin=gamma,
+        normalized_margin=gamma / sq ** (0.5 * problem.degree),
+        direction=w / jnp.linalg.norm(w),
+        layer_rank1=r1,
+        layer_alignment=al,
+        num_steps=steps,
+    )
+
+
+class MarginFlowSolution(eqx.Module):
+    """Result of `margin_flow`.
+
+    - `network`, `predictor`: θ and w̃ at the stopping time.
+    - `log_loss`, `log_loss0`: natural log of the final and initial loss (the loss itself
+      underflows float64 below ~1e-308; `loss` gives it where representable).
+    - `margin`, `normalized_margin`: min_n y_n f(x_n) and that divided by ‖θ‖^K.
+    - `log1p_t`: log(1 + t) at the end (t: gradient-flow time); `tau`: warped time.
+    - `num_steps`, `num_rejected_steps`; `invariant_drift` (balancedness, relative).
+    - `record`: a `MarginRecord` at each requested loss level.
+    - `result`: `RESULTS`; `status` its word.
+    """
+
+    network: AbstractNetwork
+    predictor: Array
+    log_loss: Array
+    log_loss0: Array
+    margin: Array
+    normalized_margin: Array
+    log1p_t: Array
+    tau: Array
+    num_steps: Array
+    num_rejected_steps: Array
+    invariant_drift: Array
+    record: MarginRecord
+    result: RESULTS
+
+    @property
+    def loss(self):
+        return jnp.exp(self.log_loss)
+
+    @property
+    def status(self) -> str:
+        return status_word(self.result)
+
+    @property
+    def converged(self):
+        return self.result == RESULTS.successful
+
+
+def default_record_exponents(stop_exponent: float) -> list[float]:
+    """Exponents k = 1, 2, 5, 10, 20, 50, … below `stop_exponent` (levels L = 10^{-k})."""
+    out, base = [], 1.0
+    while True:
+        for m in (1.0, 2.0, 5.0):
+            if m * base >= stop_exponent:
+                return out
+            out.append(m * base)
+        base *= 10.0
+
+
+def margin_flow(
+    net: AbstractNetwork,
+    X,
+    y,
+    *,
+    loss: AbstractMarginLoss = ExponentialLoss(),
+    until_loss: float = 1e-100,
+    until_time: float = jnp.inf,
+    record_losses=None,
+    log_until_loss: float | None = None,
+    solver: dfx.AbstractSolver | None = None,
+    rtol: float = 1e-8,
+    atol: float = 1e-10,
+    max_steps: int = 4096,
+    throw: bool = True,
+) -> MarginFlowSolution:
+    """Solve the gradient flow of a margin loss on ±1 labels until `L ≤ until_loss`
+    or `t ≥ until_time`, recording diagnostics at intermediate loss levels.
+
+    **Arguments:**
+
+    - `net`: initial network (any `AbstractNetwork`; its `degree` K sets the time warp).
+    - `X` `(N, d)`, `y` `(N,)` with entries ±1.
+    - `loss`: `ExponentialLoss()` (default) or `LogisticLoss()` (mean over samples).
+    - `until_loss`: stopping loss level; or `log_until_loss` (natural log) for levels
+      below float64's range, e.g. `log_until_loss = -1e4` for L = e^{-10000}.
+    - `until_time`: stop at this gradient-flow time instead, if reached first.
+    - `record_losses`: decreasing loss levels (above the stopping level) at which a
+      `MarginRecord` is taken; default 10^{-k} for k = 1, 2, 5, 10, 20, 50, … above
+      the stopping level.
+    - `rtol`, `atol`: tolerances of the PID controller in warped time.
+    - `max_steps`: step budget *per recorded segment*.
+    - `throw`: raise unless the stopping level or time was reached.
+
+    Vmappable over the network's arrays; new levels or tolerances do not recompile when
+    the number of recorded levels is unchanged.
+    """
+    dtype = jnp.result_type(float)
+    log_stop = float(jnp.log(until_loss)) if log_until_loss is None else float(log_until_loss)
+    if not log_stop < 0:
+        raise ValueError(f"the stopping loss level must be below 1, got log L = {log_stop}")
+    if record_losses is None:
+        levels = [-e * float(jnp.log(10.0)) for e in default_record_exponents(-log_stop / float(jnp.log(10.0)))]
+    else:
+        levels = sorted((float(jnp.log(v)) for v in record_losses), reverse=True)
+        if any(v <= log_stop for v in levels):
+            raise ValueError("record_losses must all lie above the stopping level")
+    log_levels = jnp.asarray(levels + [log_stop], dtype)
+    return _margin_flow(net, X, y, loss, solver, jnp.asarray(rtol, dtype), jnp.asarray(atol, dtype), log_levels,
+                        jnp.asarray(jnp.log1p(until_time), dtype), max_steps, throw)
+
+
+@eqx.filter_jit
+def _margin_flow(net, X, y, loss, solver, rtol, atol, log_levels, log1p_t_max, max_steps, throw):
+    X = jnp.asarray(X)
+    y = jnp.asarray(y)
+    if X.ndim != 2 or y.ndim != 1 or X.shape[0] != y.shape[0]:
+        raise ValueError(f"X must be (N, d) and y (N,) with the same N; got {X.shape} and {y.shape}")
+    if X.shape[1] != net.dim:
+        raise ValueError(f"X has d = {X.shape[1]} columns but the network has input dimension {net.dim}")
+    if not isinstance(loss, AbstractMarginLoss):
+        raise TypeError(f"margin_flow needs a margin loss (exp or logistic), got {type(loss).__name__}")
+    X = eqx.error_if(X, ~jnp.all(jnp.isfinite(X)), "X contains NaN or inf")
+    y = eqx.error_if(y, ~jnp.all(jnp.abs(y) == 1), "classification labels y must be +1 or -1")
+    if solver is None:
+        solver = LinearlyImplicitExtrapolation(order_k=5)
+    params, frozen = eqx.partition(net, net.trainable())
+    problem = MarginFlowProblem(frozen, X, y, loss, net.degree, log_levels[-1], log1p_t_max)
+    log_loss0 = problem.log_loss(params)
+    state0 = (params, log_loss0)
+
+    def segment(carry, log_level):
+        state, tau, steps, rejected, result = carry
+        prob = eqx.tree_at(lambda p: p.log_target, problem, log_level)
+        done = (prob.log_loss(state[0]) <= log_level) | (prob.log1p_t(state) >= log1p_t_max) | (
+            result != RESULTS.successful)
+        sol = dfx.diffeqsolve(
+            dfx.ODETerm(prob.vector_field),
+            solver,
+            t0=tau,
+            t1=jnp.where(done, tau, jnp.inf),
+            dt0=None,
+            y0=state,
+            args=prob,
+            stepsize_controller=dfx.PIDController(rtol=rtol, atol=atol),
+            event=dfx.Event(_stop),
+            saveat=dfx.SaveAt(t1=True),
+            max_steps=max_steps,
+            throw=False,
+        )
+        new_state = jax.tree_util.tree_map(lambda a: a[-1], sol.ys)
+        seg_result = RESULTS.promote(sol.result)
+        seg_result = RESULTS.where(seg_result == RESULTS.event_occurred, RESULTS.successful, seg_result)
+        seg_result = RESULTS.where(
+            (seg_result == RESULTS.max_steps_reached) & (2 * sol.stats["num_rejected_steps"] > sol.stats["num_steps"]),
+            RESULTS.stalled, seg_result)
+        new_result = RESULTS.where(result == RESULTS.successful, seg_result, result)
+        new_steps = steps + sol.stats["num_steps"]
+        new_rej = rejected + sol.stats["num_rejected_steps"]
+        new_tau = jnp.where(done, tau, sol.ts[-1])
+        new_state = jax.tree_util.tree_map(lambda a, b: jnp.where(done, a, b), state, new_state)
+        rec = _diagnostics(prob, new_state[0], prob.log1p_t(new_state), new_steps)
+        return (new_state, new_tau, new_steps, new_rej, new_result), rec
+
+    zero = jnp.zeros((), jnp.int32)
+    carry0 = (state0, jnp.zeros((), X.dtype), zero, zero, RESULTS.successful)
+    (state, tau, steps, rejected, result), record = jax.lax.scan(segment, carry0, log_levels)
+    params_end, _ = state
+    log1p_t = problem.log1p_t(state)
+    final = eqx.combine(params_end, frozen)
+    log_loss = problem.log_loss(params_end)
+    reached = (log_loss <= log_levels[-1]) | (log1p_t >= log1p_t_max)
+    result = RESULTS.where((result == RESULTS.successful) & ~reached, RESULTS.not_converged, result)
+    flat, _ = ravel_pytree(params_end)
+    finite = jnp.all(jnp.isfinite(flat)) & jnp.isfinite(log_loss)
+    result = RESULTS.where(finite, result, RESULTS.nonfinite_flow)
+    inv0, inv1 = net.invariants(), final.invariants()
+    if inv0.size:
+        # Balancedness is an exact invariant, but the parameters grow like log t, so the
+        # drift is measured relative to the current squared parameter scale.
+        drift = jnp.max(jnp.abs(inv1 - inv0)) / jnp.maximum(1.0, jnp.sum(flat**2))
+    else:
+        drift = jnp.zeros((), X.dtype)
+    last = jax.tree_util.tree_map(lambda a: a[-1], record)
+    out = MarginFlowSolution(
+        network=final,
+        predictor=final.predictor(),
+        log_loss=log_loss,
+        log_loss0=log_loss0,
+        margin=last.margin,
+        normalized_margin=last.normalized_margin,
+        log1p_t=log1p_t,
+        tau=tau,
+        num_steps=steps,
+        num_rejected_steps=rejected,
+        invariant_drift=drift,
+        record=record,
+        result=result,
+    )
+    if throw:
+        out = result.error_if(out, result != RESULTS.successful)
+    return out
