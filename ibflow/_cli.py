@@ -2,10 +2,13 @@
 
 `ibflow run --data D.npz --net {diagonal,diagonal-tied,fc,conv,leaky-relu,linear}
 [--depth L] [--width M] [--slope RHO] (--alpha A --shape S [--seed K] | --init P.npz)
-[--loss square] [--certify [--potential NAME]] --out R.json`
+[--loss square|exp|logistic [--until-loss EPS] [--until-time T]] [--certify [--potential NAME]]
+--out R.json`
 
 Bad input exits with status 2 and a one-line message; a flow that does not
-converge writes R.json with its status and exits with status 1.
+converge writes R.json with its status and exits with status 1. Classification
+(`--loss exp|logistic`) needs ±1 labels and linearly separable data: otherwise
+R.json gets `status: "not separable"` and the exit status is 2.
 """
 
 import argparse
@@ -55,7 +58,11 @@ def build_parser():
     run.add_argument("--shape", type=float, default=None)
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--init", default=None, help="P.npz of initial parameters")
-    run.add_argument("--loss", default="square", choices=["square"])
+    run.add_argument("--loss", default="square", choices=["square", "exp", "logistic"])
+    run.add_argument("--until-loss", default="1e-100",
+                     help="classification: stop at this loss level (any decimal, e.g. 1e-100 or 1e-5000)")
+    run.add_argument("--until-time", type=float, default=float("inf"),
+                     help="classification: or at this gradient-flow time, if reached first")
     run.add_argument("--certify", action="store_true")
     run.add_argument("--potential", default=None, help="force a named potential (negative controls)")
     run.add_argument("--out", required=True)
@@ -123,6 +130,8 @@ def cmd_run(args) -> int:
     net0 = _initial_network(args, X.shape[1])
     if args.potential is not None and not args.certify:
         raise InputError("--potential needs --certify")
+    if args.loss != "square":
+        return _run_margin(args, data, net0)
     t0 = time.perf_counter()
     sol = gradient_flow(net0, X, y, rtol=args.rtol, atol=args.atol, loss_rtol=args.loss_rtol,
                         max_steps=args.max_steps, throw=False)
@@ -161,6 +170,95 @@ def cmd_run(args) -> int:
         json.dump(out, f, indent=1)
     if sol.status != "converged":
         return _fail(f"gradient flow did not converge (status: {sol.status}); see {args.out}", code=1)
+    return 0
+
+
+def _log_level(text):
+    """Natural log of a decimal loss level, exact beyond float64's range (1e-5000)."""
+    import decimal
+
+    try:
+        v = decimal.Decimal(text)
+    except decimal.InvalidOperation:
+        raise InputError(f"--until-loss must be a number, got {text!r}") from None
+    if not (v.is_finite() and 0 < v < 1):
+        raise InputError(f"--until-loss must lie in (0, 1), got {text}")
+    return float(v.ln())
+
+
+def _run_margin(args, data, net0) -> int:
+    import jax
+
+    from ._classify import margin_flow
+    from ._losses import loss_by_name
+    from ._margin import NotSeparableError, check_separable
+
+    X, y = data["X"], data["y"]
+    if not np.all(np.abs(y) == 1):
+        raise InputError("classification (--loss exp|logistic) needs labels y in {-1, +1}")
+    log_stop = _log_level(args.until_loss)
+    if not args.until_time > 0:
+        raise InputError(f"--until-time must be positive, got {args.until_time}")
+    try:
+        check_separable(X, y)
+    except NotSeparableError as e:
+        with open(args.out, "w") as f:
+            json.dump(dict(net=args.net, loss_name=args.loss, status="not separable", reason=str(e)), f, indent=1)
+        return _fail(str(e), code=2)
+    t0 = time.perf_counter()
+    sol = margin_flow(net0, X, y, loss=loss_by_name(args.loss), log_until_loss=log_stop, until_time=args.until_time,
+                      max_steps=args.max_steps, throw=False)
+    jax.block_until_ready(sol.predictor)
+    wall = time.perf_counter() - t0
+    w = np.asarray(sol.predictor)
+    log_loss = float(sol.log_loss)
+    rec = sol.record
+    out = dict(
+        net=args.net,
+        loss_name=args.loss,
+        predictor=_jsonable(w),
+        direction=_jsonable(w / np.linalg.norm(w)),
+        loss=float(np.exp(log_loss)),
+        log_loss=log_loss,
+        log10_loss=log_loss / np.log(10),
+        loss0=float(np.exp(float(sol.log_loss0))),
+        loss_target=float(np.exp(log_stop)),
+        log_loss_target=log_stop,
+        margin=float(sol.margin),
+        normalized_margin=float(sol.normalized_margin),
+        t_end=_jsonable(np.expm1(float(sol.log1p_t))) if float(sol.log1p_t) < 700 else "inf",
+        log1p_t_end=float(sol.log1p_t),
+        num_steps=int(sol.num_steps),
+        num_rejected_steps=int(sol.num_rejected_steps),
+        invariant_drift=float(sol.invariant_drift),
+        status=sol.status,
+        wall_seconds=wall,
+    )
+    if args.init is None:
+        out.update(alpha=args.alpha, shape=args.shape if args.shape is not None else 0.0, seed=args.seed)
+    if "X_test" in data:
+        pred = np.asarray(sol.network.outputs(data["X_test"]))
+        out["test_error"] = float(np.mean(np.sign(pred) != data["y_test"]))
+    records = [dict(log10_loss=float(rec.log_loss[i]) / np.log(10), log1p_t=float(rec.log1p_t[i]),
+                    margin=float(rec.margin[i]), normalized_margin=float(rec.normalized_margin[i]),
+                    num_steps=int(rec.num_steps[i]),
+                    layer_rank1=_jsonable(rec.layer_rank1[i]), layer_alignment=_jsonable(rec.layer_alignment[i]))
+               for i in range(rec.log_loss.shape[0])]
+    if args.certify:
+        from ._margin import certify_margin
+
+        cert = certify_margin(sol, X, y, initial=net0, potential=args.potential)
+        out["certificate"] = cert.to_dict()
+        if cert.reference is not None:
+            ref = np.asarray(cert.reference)
+            ref = ref / np.linalg.norm(ref)
+            for r, dvec in zip(records, np.asarray(rec.direction)):
+                r["alignment"] = float(1.0 - dvec @ ref)
+    out["record"] = records
+    with open(args.out, "w") as f:
+        json.dump(out, f, indent=1)
+    if sol.status != "converged":
+        return _fail(f"flow did not reach the loss level (status: {sol.status}); see {args.out}", code=1)
     return 0
 
 
