@@ -230,6 +230,7 @@ def margin_flow(
     until_time: float = jnp.inf,
     record_losses=None,
     log_until_loss: float | None = None,
+    log_record_losses=None,
     solver: dfx.AbstractSolver | None = None,
     rtol: float = 1e-8,
     atol: float = 1e-10,
@@ -249,7 +250,8 @@ def margin_flow(
     - `until_time`: stop at this gradient-flow time instead, if reached first.
     - `record_losses`: decreasing loss levels (above the stopping level) at which a
       `MarginRecord` is taken; default 10^{-k} for k = 1, 2, 5, 10, 20, 50, … above
-      the stopping level.
+      the stopping level. `log_record_losses`: the same as natural logs (for levels
+      below float64's range).
     - `rtol`, `atol`: tolerances of the PID controller in warped time.
     - `max_steps`: step budget *per recorded segment*.
     - `throw`: raise unless the stopping level or time was reached.
@@ -261,7 +263,12 @@ def margin_flow(
     log_stop = float(jnp.log(until_loss)) if log_until_loss is None else float(log_until_loss)
     if not log_stop < 0:
         raise ValueError(f"the stopping loss level must be below 1, got log L = {log_stop}")
-    if record_losses is None:
+    if log_record_losses is not None:
+        record_losses = None
+        levels = sorted((float(v) for v in log_record_losses), reverse=True)
+        if any(v <= log_stop for v in levels):
+            raise ValueError("record levels must all lie above the stopping level")
+    elif record_losses is None:
         levels = [-e * float(jnp.log(10.0)) for e in default_record_exponents(-log_stop / float(jnp.log(10.0)))]
     else:
         levels = sorted((float(jnp.log(v)) for v in record_losses), reverse=True)

@@ -81,7 +81,7 @@ def build_parser():
     _add_flow_options(sw)
 
     fig = sub.add_parser("figure", help="reproduce a paper figure (PNG + PDF + dataset)")
-    fig.add_argument("name", choices=["fig7.1", "fig7.2", "woodworth"])
+    fig.add_argument("name", choices=["fig7.1", "fig7.2", "woodworth", "moroshko"])
     fig.add_argument("--out", required=True)
     fig.add_argument("--quick", action="store_true", help="reduced size (d = 200, N = 40, 8 alphas)")
 
@@ -318,6 +318,9 @@ def cmd_figure(args) -> int:
         _, paths = F.fig7_1(args.out, **kw)
     elif args.name == "fig7.2":
         _, paths = F.fig7_2(args.out, grid=81 if args.quick else 201)
+    elif args.name == "moroshko":
+        kw = dict(n_alpha=6, log10_levels=(-2, -10, -100, -300)) if args.quick else {}
+        _, paths = F.moroshko(args.out, **kw)
     else:
         kw = dict(dim=50, samples=(10, 20, 30), n_alpha=6) if args.quick else {}
         _, paths = F.woodworth(args.out, **kw)

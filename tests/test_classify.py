@@ -207,3 +207,19 @@ def test_cli_classification(tmp_path):
     rc = main(["run", "--data", str(tmp_path / "c.npz"), "--net", "linear", "--alpha", "1", "--loss", "exp",
                "--until-loss", "2", "--out", str(out)])
     assert rc == 2
+
+
+def test_moroshko_scale_vs_accuracy():
+    from ibflow._moroshko import scale_vs_accuracy, sparse_classification
+
+    D = sparse_classification(12, 20, seed=1)
+    ds = scale_vs_accuracy(D["X"], D["y"], [1e-2, 10.0], log10_levels=(-2, -30, -300))
+    assert np.all(ds["status"].values == "converged")
+    l1, l2 = ds["l1_gap"].values, ds["l2_gap"].values
+    # Kernel regime: large α at a modest loss sits near the ℓ2 max margin, small α does not.
+    assert l2[1, 0] < 0.1 * l2[0, 0]
+    # Driving the loss down moves the large-α flow towards the rich (ℓ1) limit (Moroshko et al.).
+    assert l1[1, 2] < l1[1, 0] and l2[1, 2] > l2[1, 0]
+    # μ = α/γ with γ the minimum margin, and γ ≈ log(1/L) grows with the level reached.
+    assert np.allclose(ds["mu"].values, ds["alpha"].values[:, None] / ds["margin"].values)
+    assert np.all(np.diff(ds["margin"].values, axis=1) > 0)
