@@ -82,6 +82,14 @@ from ._potentials import (
 from ._reference import ReferenceSolution as ReferenceSolution, dual_newton as dual_newton, min_l1 as min_l1, min_l2 as min_l2
 from ._results import RESULTS as RESULTS, status_word as status_word, status_words as status_words
 from ._sweep import sweep as sweep
+from ._train import (
+    TrainSolution as TrainSolution,
+    lanczos_top_eigenvalue as lanczos_top_eigenvalue,
+    make_optimizer as make_optimizer,
+    sharpness as sharpness,
+    stability_bound as stability_bound,
+    train as train,
+)
 from ._structure import (
     hessian_map_violation as hessian_map_violation,
     predictor_metric as predictor_metric,

@@ -37,7 +37,8 @@ def _add_flow_options(p):
     p.add_argument("--atol", type=float, default=1e-12, help="solver absolute tolerance")
     p.add_argument("--loss-rtol", type=float, default=1e-24,
                    help="stop when loss <= loss_rtol * initial loss (default 1e-24)")
-    p.add_argument("--max-steps", type=int, default=20_000)
+    p.add_argument("--max-steps", type=int, default=None,
+                   help="step budget (default 20000 for the flow, 2000000 for --optimizer)")
 
 
 def _add_net_options(p):
@@ -63,6 +64,13 @@ def build_parser():
                      help="classification: stop at this loss level (any decimal, e.g. 1e-100 or 1e-5000)")
     run.add_argument("--until-time", type=float, default=float("inf"),
                      help="classification: or at this gradient-flow time, if reached first")
+    run.add_argument("--optimizer", default=None, choices=["gd", "sgd", "momentum", "adam"],
+                     help="train with a discrete optimiser instead of solving the flow")
+    run.add_argument("--step-size", type=float, default=None, help="optimiser step size eta")
+    run.add_argument("--batch-size", type=int, default=None, help="mini-batch size (sgd, momentum, adam)")
+    run.add_argument("--momentum", type=float, default=0.9, help="heavy-ball momentum beta")
+    run.add_argument("--label-noise", type=float, default=0.0, help="std of label noise per step")
+    run.add_argument("--sharpness-every", type=int, default=100, help="steps between Lanczos sharpness checks")
     run.add_argument("--certify", action="store_true")
     run.add_argument("--potential", default=None, help="force a named potential (negative controls)")
     run.add_argument("--out", required=True)
@@ -75,13 +83,17 @@ def build_parser():
     sw.add_argument("--shape", default="0", help="comma-separated shapes S1,S2,...")
     sw.add_argument("--seed", default="0", help="comma-separated seeds")
     sw.add_argument("--certify", action="store_true")
+    sw.add_argument("--optimizer", default=None, choices=["gd", "sgd", "momentum", "adam"],
+                    help="train with a discrete optimiser at each --step-size instead of the flow")
+    sw.add_argument("--step-size", default=None, help="comma-separated step sizes ETA1,ETA2,...")
+    sw.add_argument("--batch-size", type=int, default=None)
     sw.add_argument("--chunk-size", type=int, default=None)
     sw.add_argument("--out", required=True, help="output directory")
     sw.add_argument("--no-progress", action="store_true")
     _add_flow_options(sw)
 
     fig = sub.add_parser("figure", help="reproduce a paper figure (PNG + PDF + dataset)")
-    fig.add_argument("name", choices=["fig7.1", "fig7.2", "woodworth", "moroshko"])
+    fig.add_argument("name", choices=["fig7.1", "fig7.2", "woodworth", "moroshko", "step-size"])
     fig.add_argument("--out", required=True)
     fig.add_argument("--quick", action="store_true", help="reduced size (d = 200, N = 40, 8 alphas)")
 
@@ -130,6 +142,10 @@ def cmd_run(args) -> int:
     net0 = _initial_network(args, X.shape[1])
     if args.potential is not None and not args.certify:
         raise InputError("--potential needs --certify")
+    if args.optimizer is not None:
+        return _run_optimizer(args, data, net0)
+    if args.step_size is not None or args.batch_size is not None:
+        raise InputError("--step-size/--batch-size need --optimizer")
     if args.loss != "square":
         return _run_margin(args, data, net0)
     t0 = time.perf_counter()
@@ -170,6 +186,94 @@ def cmd_run(args) -> int:
         json.dump(out, f, indent=1)
     if sol.status != "converged":
         return _fail(f"gradient flow did not converge (status: {sol.status}); see {args.out}", code=1)
+    return 0
+
+
+def _run_optimizer(args, data, net0) -> int:
+    import jax
+
+    from ._flow import gradient_flow
+    from ._train import sharpness, train
+
+    X, y = data["X"], data["y"]
+    if args.loss != "square":
+        raise InputError("--optimizer runs support the square loss only")
+    if args.step_size is None or not (np.isfinite(args.step_size) and args.step_size > 0):
+        raise InputError("--optimizer needs --step-size ETA > 0")
+    if args.optimizer == "sgd" and args.batch_size is None:
+        raise InputError("--optimizer sgd needs --batch-size B")
+    if args.batch_size is not None and not 1 <= args.batch_size <= X.shape[0]:
+        raise InputError(f"--batch-size must lie in [1, N = {X.shape[0]}], got {args.batch_size}")
+    if args.optimizer == "gd" and args.batch_size is not None:
+        raise InputError("--optimizer gd is full-batch; use sgd for mini-batches")
+    if args.sharpness_every < 1:
+        raise InputError("--sharpness-every must be >= 1")
+    # The gradient-flow limit from the same initialisation: the reference for the
+    # step-size bias and for the stability check (is its sharpness above 2/eta?).
+    flow = gradient_flow(net0, X, y, rtol=args.rtol, atol=args.atol, loss_rtol=args.loss_rtol, throw=False)
+    flow_ok = flow.status == "converged"
+    flow_sharp = float(sharpness(flow.network, X, y)) if flow_ok else None
+    t0 = time.perf_counter()
+    sol = train(net0, X, y, optimizer=args.optimizer, step_size=args.step_size, batch_size=args.batch_size,
+                momentum=args.momentum, label_noise=args.label_noise, loss_rtol=args.loss_rtol,
+                max_steps=args.max_steps if args.max_steps_given else 2_000_000,
+                sharpness_every=args.sharpness_every, key=jax.random.PRNGKey(args.seed),
+                reference_sharpness=flow_sharp, throw=False)
+    jax.block_until_ready(sol.predictor)
+    wall = time.perf_counter() - t0
+    w = np.asarray(sol.predictor)
+    bound = float(sol.stability_bound)
+    out = dict(
+        net=args.net,
+        optimizer=args.optimizer,
+        step_size=args.step_size,
+        batch_size=args.batch_size,
+        predictor=_jsonable(w),
+        loss=float(sol.loss),
+        loss0=float(sol.loss0),
+        loss_target=float(sol.loss_target),
+        steps=int(sol.steps),
+        num_steps=int(sol.steps),
+        t_end=float(sol.steps) * args.step_size,
+        max_sharpness=_jsonable(sol.max_sharpness),
+        final_sharpness=_jsonable(sol.final_sharpness),
+        stability_bound=_jsonable(bound),
+        edge_of_stability=bool(sol.edge_of_stability),
+        loss_increases=int(sol.loss_increases),
+        invariant_drift=float(sol.invariant_drift),
+        flow_status=flow.status,
+        flow_sharpness=flow_sharp,
+        flow_distance=(float(np.linalg.norm(w - np.asarray(flow.predictor)) / np.linalg.norm(np.asarray(flow.predictor)))
+                       if flow_ok else None),
+        status=sol.status,
+        wall_seconds=wall,
+        history=[dict(step=int(st), loss=float(lo), sharpness=_jsonable(sh)) for st, lo, sh in
+                 zip(np.asarray(sol.history_steps), np.asarray(sol.history_loss), np.asarray(sol.history_sharpness))
+                 if st >= 0],
+    )
+    if sol.status == "unstable":
+        if flow_sharp is not None and flow_sharp > bound:
+            out["reason"] = (f"the flow's minimum has sharpness {flow_sharp:.6g} > stability bound {bound:.6g}: "
+                             "this optimiser cannot converge to it")
+        else:
+            out["reason"] = "the loss diverged or the sharpness stayed above the stability bound"
+    if args.init is None:
+        out.update(alpha=args.alpha, shape=args.shape if args.shape is not None else 0.0, seed=args.seed)
+    if "X_test" in data:
+        pred = np.asarray(sol.network.outputs(data["X_test"]))
+        out["test_error"] = float(np.mean((pred - data["y_test"]) ** 2))
+    if "w_star" in data:
+        out["population_error"] = float(np.sum((w - data["w_star"]) ** 2))
+    if args.certify:
+        from ._certify import certify
+
+        cert = certify(sol, X, y, initial=net0, potential=args.potential)
+        out["certificate"] = cert.to_dict()
+    with open(args.out, "w") as f:
+        json.dump(out, f, indent=1)
+    if sol.status != "converged":
+        return _fail(f"optimiser did not converge to a stable minimum (status: {sol.status}); see {args.out}",
+                     code=1)
     return 0
 
 
@@ -292,13 +396,26 @@ def cmd_sweep(args) -> int:
     seeds = _parse_list(args.seed, "seed", int)
     if args.depth is not None and args.depth < 2:
         raise InputError(f"--depth must be >= 2, got {args.depth}")
+    step_sizes = None
+    train_kwargs = None
+    if args.optimizer is not None:
+        if args.step_size is None:
+            raise InputError("--optimizer needs --step-size ETA1,ETA2,...")
+        step_sizes = _parse_list(args.step_size, "step-size")
+        train_kwargs = dict(batch_size=args.batch_size)
+        if args.max_steps_given:
+            train_kwargs["max_steps"] = args.max_steps
+    elif args.step_size is not None:
+        raise InputError("--step-size needs --optimizer")
     try:
         ds = sweep(data["X"], data["y"], alphas=alphas, shapes=shapes, seeds=seeds, net=args.net,
                    depth=args.depth or 2, width=args.width, slope=args.slope, X_test=data.get("X_test"),
                    y_test=data.get("y_test"), w_star=data.get("w_star"), certify=args.certify, out=args.out,
                    chunk_size=args.chunk_size, progress=not args.no_progress,
                    flow_kwargs=dict(rtol=args.rtol, atol=args.atol, loss_rtol=args.loss_rtol,
-                                    max_steps=args.max_steps))
+                                    max_steps=args.max_steps if args.optimizer is None or args.max_steps_given
+                                    else 20_000),
+                   optimizer=args.optimizer, step_sizes=step_sizes, train_kwargs=train_kwargs)
     except ValueError as e:
         raise InputError(str(e)) from None
     fig = plot_sweep(ds, os.path.join(args.out, "sweep.png"))
@@ -318,6 +435,9 @@ def cmd_figure(args) -> int:
         _, paths = F.fig7_1(args.out, **kw)
     elif args.name == "fig7.2":
         _, paths = F.fig7_2(args.out, grid=81 if args.quick else 201)
+    elif args.name == "step-size":
+        kw = dict(dim=60, samples=15, n_eta=5) if args.quick else {}
+        _, paths = F.step_size_bias(args.out, **kw)
     elif args.name == "moroshko":
         kw = dict(n_alpha=6, log10_levels=(-2, -10, -100, -300)) if args.quick else {}
         _, paths = F.moroshko(args.out, **kw)
@@ -338,6 +458,10 @@ def cmd_demo(args) -> int:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if hasattr(args, "max_steps"):
+        args.max_steps_given = args.max_steps is not None
+        if args.max_steps is None:
+            args.max_steps = 20_000
     try:
         if args.command == "run":
             return cmd_run(args)

@@ -9,6 +9,8 @@
   α ∈ {0.01, 1, 2.5}; the red dot marks w̃(0).
 - `woodworth`: Woodworth et al. 2020: the ℓ1 → ℓ2 transition of the limit with α, and
   test error vs sample size N at small and large α.
+- `step_size_bias`: GD against the flow: the O(η) step-size bias of the limit and the
+  sharpness along training at several η (edge of stability).
 - `moroshko`: Moroshko et al. 2020: kernel → rich transition of diagonal nets in
   classification as a function of α and of the loss level reached.
 Each writes PNG and PDF plus the netCDF dataset behind the figure.
@@ -42,6 +44,8 @@ def plot_sweep(ds, path):
     """Default sweep figure: population (or test, or train) error vs α, one line per shape;
     points whose certificate failed are circled in red."""
     plt = _plt()
+    if "step_size" in ds.dims:
+        return _plot_step_size_sweep(ds, path)
     var = next(v for v in ("population_error", "test_error", "train_loss") if v in ds)
     fig, ax = plt.subplots(figsize=(5.5, 4))
     for j, s in enumerate(ds["shape"].values):
@@ -58,6 +62,38 @@ def plot_sweep(ds, path):
     fig.savefig(path, dpi=130, bbox_inches="tight")
     plt.close(fig)
     return path
+
+
+def _plot_step_size_sweep(ds, path):
+    """Optimiser sweeps: distance of the limit to the gradient-flow limit vs η (one line per
+    α, first shape and seed), with the fitted log-log slope; unstable points in red."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    etas = ds["step_size"].values
+    for i, a in enumerate(ds["alpha"].values):
+        dist = ds["flow_distance"].isel(alpha=i, shape=0, seed=0).values
+        ok = ds["status"].isel(alpha=i, shape=0, seed=0).values == "converged"
+        fit = step_size_slope(etas[ok], dist[ok])
+        ax.plot(etas[ok], dist[ok], "o-", ms=3, label=rf"$\alpha$ = {a:g} (slope {fit:.2f})")
+        ax.plot(etas[~ok], np.where(np.isfinite(dist[~ok]), dist[~ok], np.nan), "x", color="red")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel(r"step size $\eta$")
+    ax.set_ylabel(r"$\|\tilde w_{GD} - \tilde w_{GF}\| / \|\tilde w_{GF}\|$")
+    ax.set_title(f"step-size bias, {ds.attrs.get('optimizer', '')} on a {ds.attrs.get('net', '')} net")
+    ax.legend(fontsize=8)
+    fig.savefig(path, dpi=130, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def step_size_slope(etas, dist):
+    """Least-squares slope of log(dist) against log(η) (NaN with fewer than 2 points)."""
+    etas, dist = np.asarray(etas, float), np.asarray(dist, float)
+    ok = np.isfinite(dist) & (dist > 0) & (etas > 0)
+    if ok.sum() < 2:
+        return float("nan")
+    return float(np.polyfit(np.log(etas[ok]), np.log(dist[ok]), 1)[0])
 
 
 def fig7_1(out, *, dim=1000, samples=100, n_alpha=20, alpha_range=(1e-5, 0.25), shapes=(0, 0.5, 0.7, 0.9, 0.99),
@@ -217,4 +253,84 @@ def moroshko(out, *, samples=20, dim=40, n_alpha=14, alpha_range=(1e-12, 10.0),
                  f"N = {samples}, d = {dim}, 3-sparse separator ({nconv}/{len(alphas)} flows reached their level)")
     paths = _save(fig, out, "moroshko")
     ds.to_netcdf(os.path.join(out, "moroshko.nc"), engine="h5netcdf")
+    return ds, paths
+
+
+def step_size_bias(out, *, dim=200, samples=40, alpha=0.1, shape=0.0, n_eta=6, eta_fraction=(3e-3, 0.5),
+                   eos_alpha=1e-3, eos_fractions=(0.5, 0.9, 1.2, 2.0), sharpness_every=10, eos_steps=4000, seed=0):
+    """The step-size bias of GD and the edge of stability on the Azulay §9 problem
+    (two-layer diagonal net, scale α, shape s), math.md §7; Nacson et al. 2022; Cohen et
+    al. 2021. Left: `‖w̃_GD(η) − w̃_GF‖/‖w̃_GF‖` against η over `eta_fraction` × 2/S (S: the
+    sharpness of the flow's limit), with the fitted log-log slope (expected 1: O(η)).
+    Right: from the smaller scale `eos_alpha` (whose sharpness starts low), sharpness
+    against flow time t = kη for step sizes `eos_fractions` × 2/S', S' that flow's limit
+    sharpness, with the 2/η ceilings (dashed): progressive sharpening, then the edge of
+    stability where 2/η < S'. Writes PNG, PDF and a netCDF dataset; returns the dataset."""
+    import jax
+    import xarray as xr
+
+    from ._data import sparse_regression
+    from ._flow import gradient_flow
+    from ._init import diagonal_init
+    from ._train import sharpness, train
+
+    D = sparse_regression(num_samples=samples, dim=dim, seed=seed)
+    X, y = jnp.asarray(D["X"]), jnp.asarray(D["y"])
+    net = diagonal_init(alpha, shape, dim)
+    flow = gradient_flow(net, X, y)
+    S = float(sharpness(flow.network, X, y))
+    etas = (2.0 / S) * np.logspace(np.log10(eta_fraction[0]), np.log10(eta_fraction[1]), n_eta)
+    run = jax.jit(jax.vmap(lambda e: train(net, X, y, step_size=e, reference_sharpness=S, throw=False,
+                                           sharpness_every=50)))
+    sols = run(jnp.asarray(etas))
+    dist = np.linalg.norm(np.asarray(sols.predictor) - np.asarray(flow.predictor), axis=1) / np.linalg.norm(
+        np.asarray(flow.predictor))
+    from ._results import status_words
+
+    status = status_words(sols.result)
+    slope = step_size_slope(etas[status == "converged"], dist[status == "converged"])
+    net_eos = diagonal_init(eos_alpha, shape, dim)
+    S_eos = float(sharpness(gradient_flow(net_eos, X, y).network, X, y))
+    eos_etas = (2.0 / S_eos) * np.asarray(eos_fractions)
+    eos = [train(net_eos, X, y, step_size=float(e), reference_sharpness=S_eos, throw=False,
+                 sharpness_every=sharpness_every, history=eos_steps // sharpness_every + 1, max_steps=eos_steps)
+           for e in eos_etas]
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.3))
+    ok = status == "converged"
+    axes[0].plot(etas[ok], dist[ok], "o-", label=f"GD limit (fitted slope {slope:.3f})")
+    axes[0].plot(etas, dist[ok][0] * etas / etas[ok][0], "k--", lw=0.8, label=r"$\propto \eta$")
+    axes[0].set_xscale("log")
+    axes[0].set_yscale("log")
+    axes[0].set_xlabel(r"step size $\eta$")
+    axes[0].set_ylabel(r"$\|\tilde w_{GD} - \tilde w_{GF}\| / \|\tilde w_{GF}\|$")
+    axes[0].set_title(rf"step-size bias, $\alpha$ = {alpha:g}, s = {shape:g}")
+    axes[0].legend(fontsize=8)
+    cmap = plt.get_cmap("plasma")
+    hist = {}
+    for q, (e, sol) in enumerate(zip(eos_etas, eos)):
+        k = np.asarray(sol.history_steps)
+        m = k >= 0
+        c = cmap(q / max(len(eos_etas), 1))
+        axes[1].plot(k[m] * e, np.asarray(sol.history_sharpness)[m], "-", color=c,
+                     label=rf"$\eta$ = {e:.3g} ({sol.status})")
+        axes[1].axhline(2 / e, color=c, ls="--", lw=0.8)
+        hist[f"eta{q}"] = (k[m] * e, np.asarray(sol.history_sharpness)[m], np.asarray(sol.history_loss)[m])
+    axes[1].axhline(S_eos, color="k", lw=0.8, label="flow limit sharpness")
+    axes[1].set_xscale("log")
+    axes[1].set_xlabel(r"flow time $t = k\eta$")
+    axes[1].set_ylabel(r"sharpness $\lambda_{max}(\nabla^2 L)$ (Lanczos)")
+    axes[1].set_title(rf"$\alpha$ = {eos_alpha:g}: progressive sharpening, $2/\eta$ ceilings (dashed)")
+    axes[1].legend(fontsize=7)
+    fig.suptitle(f"GD against the exact flow: Azulay §9 problem, d = {dim}, N = {samples}")
+    paths = _save(fig, out, "step-size")
+    data = dict(flow_distance=("step_size", dist), status=("step_size", status.astype(str)))
+    for name, (t, sh, lo) in hist.items():
+        data[f"{name}_time"] = (f"{name}_k", t)
+        data[f"{name}_sharpness"] = (f"{name}_k", sh)
+        data[f"{name}_loss"] = (f"{name}_k", lo)
+    ds = xr.Dataset(data, coords=dict(step_size=etas),
+                    attrs=dict(slope=slope, flow_sharpness=S, eos_step_sizes=eos_etas.tolist(), alpha=alpha,
+                               shape=shape, eos_alpha=eos_alpha, eos_flow_sharpness=S_eos))
+    ds.to_netcdf(os.path.join(out, "step-size.nc"), engine="h5netcdf")
     return ds, paths

@@ -22,6 +22,12 @@ class RESULTS(dfx.RESULTS):  # pyright: ignore
         "Filippov solution) or the flow is diverging."
     )
     invalid_input = "The input contained a non-finite value or violated a precondition."
+    unstable = (
+        "The discrete optimiser is unstable at this step size: the loss diverged, or the sharpness "
+        "λ_max(∇²L) exceeded the stability bound (2/η for GD) at the end of the run, or the minimum it "
+        "was meant to reach (e.g. the gradient flow's limit) is sharper than the bound, so the optimiser "
+        "cannot converge to it."
+    )
 
 
 #: The one-word statuses written to R.json and sweep datasets, by RESULTS item.
@@ -38,6 +44,7 @@ _STATUS_WORDS = {
     "singular": "nonfinite",
     "nonfinite_input": "nonfinite",
     "invalid_input": "invalid_input",
+    "unstable": "unstable",
 }
 
 

@@ -10,7 +10,8 @@
   skips every finished point, and an interrupted sweep loses nothing already written.
   `DIR/config.json` pins the sweep's definition: a different sweep in the same DIR is
   refused rather than mixed in.
-- The result is an `xarray.Dataset` with coordinates `alpha`, `shape`, `seed` and
+- The result is an `xarray.Dataset` with coordinates `alpha`, `shape`, `seed` (and
+  `step_size` for optimiser sweeps) and
   variables `predictor (alpha, shape, seed, dim)`, `train_loss`, `status`,
   `num_steps`, `seconds` (the chunk's wall time shared equally among its points),
   `t_end`, `invariant_drift`, and when available `test_error`, `population_error`
@@ -33,14 +34,27 @@ from ._io import network_from_scale_shape
 from ._results import status_words
 
 CERT_FIELDS = ("kkt_residual", "reference_distance", "primal_residual", "passed", "potential", "applicable")
+TRAIN_FIELDS = ("max_sharpness", "final_sharpness", "stability_bound", "flow_distance", "flow_sharpness",
+                "loss_increases")
 
 
-def _solver_fn(kind, d, depth, width, slope, X, y, flow_kwargs):
-    def one(alpha, shape, seed):
+def _solver_fn(kind, d, depth, width, slope, X, y, flow_kwargs, optimizer=None, train_kwargs=None):
+    def one(alpha, shape, seed, eta):
         net = init_by_name(kind, d, alpha, shape, depth=depth, width=width, slope=slope,
                            key=jax.random.PRNGKey(seed))
         sol = gradient_flow(net, X, y, throw=False, **flow_kwargs)
-        return sol.predictor, sol.loss, sol.num_steps, sol.t_end, sol.invariant_drift, sol.result, sol.network
+        if optimizer is None:
+            return sol.predictor, sol.loss, sol.num_steps, sol.t_end, sol.invariant_drift, sol.result, sol.network, {}
+        from ._train import sharpness, train
+
+        flow_sharp = jnp.where(sol.converged, sharpness(sol.network, X, y), jnp.nan)
+        tr = train(net, X, y, optimizer=optimizer, step_size=eta, reference_sharpness=flow_sharp,
+                   key=jax.random.PRNGKey(seed), throw=False, **(train_kwargs or {}))
+        dist = jnp.linalg.norm(tr.predictor - sol.predictor) / jnp.linalg.norm(sol.predictor)
+        extra = dict(max_sharpness=tr.max_sharpness, final_sharpness=tr.final_sharpness,
+                     stability_bound=tr.stability_bound, flow_distance=jnp.where(sol.converged, dist, jnp.nan),
+                     flow_sharpness=flow_sharp, loss_increases=tr.loss_increases.astype(float))
+        return tr.predictor, tr.loss, tr.steps, tr.steps * eta, tr.invariant_drift, tr.result, tr.network, extra
 
     return one
 
@@ -68,6 +82,9 @@ def sweep(
     chunk_size: int | None = None,
     progress: bool = True,
     flow_kwargs: dict | None = None,
+    optimizer: str | None = None,
+    step_sizes=None,
+    train_kwargs: dict | None = None,
 ):
     """Solve and (optionally) certify the gradient flow at every (α, s, seed) point.
 
@@ -80,6 +97,11 @@ def sweep(
     - `out`: a directory for incremental, resumable storage (None: in memory only).
     - `chunk_size`: points per compiled vmapped call (default: 8 per device, at most the grid).
     - `flow_kwargs`: extra keyword arguments for `gradient_flow` (tolerances, `max_steps`).
+    - `optimizer`, `step_sizes`: train every point with a discrete optimiser (`ibflow.train`)
+      at each step size instead: the dataset gains a `step_size` axis and the fields
+      `max_sharpness`, `final_sharpness`, `stability_bound`, `flow_distance` (relative
+      distance to the gradient-flow limit from the same initialisation), `flow_sharpness`
+      and `loss_increases`; `t_end` is `steps·η`. `train_kwargs` go to `train`.
 
     **Returns:** an `xarray.Dataset` (module docstring).
     """
@@ -97,8 +119,18 @@ def sweep(
     if net == "diagonal-tied" and np.any(shapes != 0):
         raise ValueError("diagonal-tied has no shape: use shapes = [0]")
     flow_kwargs = dict(flow_kwargs or {})
+    if optimizer is None:
+        if step_sizes is not None:
+            raise ValueError("step_sizes need an optimizer")
+        etas = np.array([np.nan])
+    else:
+        etas = np.asarray(step_sizes, dtype=float).ravel()
+        if etas.size == 0 or np.any(~np.isfinite(etas)) or np.any(etas <= 0):
+            raise ValueError("every step size must be finite and > 0")
     d = X.shape[1]
-    grid = [(i, j, k) for i in np.argsort(alphas) for j in range(len(shapes)) for k in range(len(seeds))]
+    # Ordered by step size, then α: a vmapped chunk runs until its slowest member is done.
+    grid = [(i, j, k, m) for m in np.argsort(-etas) for i in np.argsort(alphas) for j in range(len(shapes))
+            for k in range(len(seeds))]
     n_dev = len(jax.devices())
     if chunk_size is None:
         chunk_size = min(len(grid), 8 * n_dev)
@@ -106,7 +138,9 @@ def sweep(
 
     config = dict(net=net, depth=depth, width=width, slope=slope, alphas=alphas.tolist(), shapes=shapes.tolist(),
                   seeds=seeds.tolist(), certify=certify, chunk_size=chunk_size,
-                  flow_kwargs={k: repr(v) for k, v in flow_kwargs.items()},
+                  flow_kwargs={k: repr(v) for k, v in flow_kwargs.items()}, optimizer=optimizer,
+                  step_sizes=None if optimizer is None else etas.tolist(),
+                  train_kwargs={k: repr(v) for k, v in (train_kwargs or {}).items()},
                   data=hashlib.sha256(X.tobytes() + y.tobytes()).hexdigest()[:16])
     done = {}
     if out is not None:
@@ -128,7 +162,8 @@ def sweep(
                     done[tuple(int(v) for v in p)] = row
     todo = [g for g in grid if g not in done]
 
-    one = _solver_fn(net, d, depth, width, slope, jnp.asarray(X), jnp.asarray(y), flow_kwargs)
+    one = _solver_fn(net, d, depth, width, slope, jnp.asarray(X), jnp.asarray(y), flow_kwargs, optimizer,
+                     train_kwargs)
     mesh = jax.sharding.Mesh(np.array(jax.devices()), ("points",))
     sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("points"))
     solve_chunk = eqx.filter_jit(eqx.filter_vmap(one))
@@ -141,17 +176,19 @@ def sweep(
     for c0 in range(0, len(todo), chunk_size):
         pts = todo[c0:c0 + chunk_size]
         pad = pts + [pts[-1]] * (chunk_size - len(pts))
-        a = jax.device_put(jnp.asarray([alphas[i] for i, _, _ in pad]), sharding)
-        s = jax.device_put(jnp.asarray([shapes[j] for _, j, _ in pad]), sharding)
-        k = jax.device_put(jnp.asarray([seeds[q] for _, _, q in pad]), sharding)
+        a = jax.device_put(jnp.asarray([alphas[p[0]] for p in pad]), sharding)
+        s = jax.device_put(jnp.asarray([shapes[p[1]] for p in pad]), sharding)
+        k = jax.device_put(jnp.asarray([seeds[p[2]] for p in pad]), sharding)
+        e = jax.device_put(jnp.asarray([etas[p[3]] for p in pad]), sharding)
         t0 = time.perf_counter()
-        pred, loss, steps, t_end, drift, result, nets = solve_chunk(a, s, k)
+        pred, loss, steps, t_end, drift, result, nets, extra = solve_chunk(a, s, k, e)
         jax.block_until_ready(pred)
         words = status_words(result)
         rows = []
         for b, p in enumerate(pts):
             rows.append(dict(predictor=np.asarray(pred[b]), train_loss=float(loss[b]), num_steps=int(steps[b]),
-                             t_end=float(t_end[b]), invariant_drift=float(drift[b]), status=str(words[b])))
+                             t_end=float(t_end[b]), invariant_drift=float(drift[b]), status=str(words[b]),
+                             **{f: float(v[b]) for f, v in extra.items()}))
         if X_test is not None or w_star is not None:
             for b, row in enumerate(rows):
                 if X_test is not None:
@@ -179,7 +216,11 @@ def sweep(
             bar.update(len(pts))
     if bar is not None:
         bar.close()
-    ds = _assemble(done, alphas, shapes, seeds, d, net, certify)
+    ds = _assemble(done, alphas, shapes, seeds, etas, d, net, certify)
+    if optimizer is None:
+        ds = ds.isel(step_size=0, drop=True)
+    else:
+        ds.attrs["optimizer"] = optimizer
     ds.attrs["config"] = json.dumps(config)
     if out is not None:
         tmp = os.path.join(out, "sweep.nc.tmp")
@@ -198,7 +239,7 @@ class _RowSolution:
 
 
 _SCALARS = ("train_loss", "num_steps", "t_end", "invariant_drift", "seconds", "test_error", "population_error",
-            "kkt_residual", "reference_distance", "primal_residual")
+            "kkt_residual", "reference_distance", "primal_residual") + TRAIN_FIELDS
 
 
 def _write_chunk(path, pts, rows):
@@ -232,28 +273,28 @@ def _rows_from_chunk(ds):
     return rows
 
 
-def _assemble(done, alphas, shapes, seeds, d, net, certify):
+def _assemble(done, alphas, shapes, seeds, etas, d, net, certify):
     import xarray as xr
 
-    shp = (len(alphas), len(shapes), len(seeds))
+    shp = (len(alphas), len(shapes), len(seeds), len(etas))
     pred = np.full(shp + (d,), np.nan)
     status = np.full(shp, "missing", dtype=object)
     scal = {}
-    for (i, j, k), row in done.items():
-        pred[i, j, k] = row["predictor"]
-        status[i, j, k] = row["status"]
+    for (i, j, k, m), row in done.items():
+        pred[i, j, k, m] = row["predictor"]
+        status[i, j, k, m] = row["status"]
         for key, v in row.items():
             if key in ("predictor", "status"):
                 continue
             if key not in scal:
                 dtype = object if key == "potential" else (bool if key in ("passed", "applicable") else float)
                 scal[key] = np.full(shp, "" if dtype is object else (False if dtype is bool else np.nan), dtype=dtype)
-            scal[key][i, j, k] = v
-    dims = ("alpha", "shape", "seed")
+            scal[key][i, j, k, m] = v
+    dims = ("alpha", "shape", "seed", "step_size")
     data = {"predictor": (dims + ("dim",), pred), "status": (dims, status.astype(str))}
     for key, arr in scal.items():
         data[key] = (dims, arr.astype(str) if arr.dtype == object else arr)
-    ds = xr.Dataset(data, coords=dict(alpha=alphas, shape=shapes, seed=seeds, dim=np.arange(d)))
+    ds = xr.Dataset(data, coords=dict(alpha=alphas, shape=shapes, seed=seeds, step_size=etas, dim=np.arange(d)))
     ds.attrs["net"] = net
     ds.attrs["certified"] = int(certify)
     ds["seconds"].attrs["note"] = "wall time of the point's vmapped chunk divided by its number of points"

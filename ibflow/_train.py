@@ -1,0 +1,309 @@
+"""Discrete optimisers against the flow: GD/SGD/momentum/Adam with optax, sharpness by
+Lanczos, edge-of-stability flags and the step-size bias of the limit.
+
+Gradient flow is the η → 0 idealisation of gradient descent. With a finite step η the
+limit moves by O(η) (a genuine step-size implicit bias; Nacson et al. 2022 for diagonal
+nets; math.md §7), and GD can only converge to minima whose sharpness
+`λ_max(∇²L) ≤ 2/η` (linear stability of the GD map; Vardi 2023 "Dynamical stability";
+with heavy-ball momentum β the bound is `(2 + 2β)/η`). When the sharpness rises above
+2/η the loss stops decreasing monotonically: the edge of stability (Cohen et al. 2021).
+
+`train` runs any of these optimisers jit-compiled (`lax.while_loop` over chunks of
+`lax.fori_loop` steps), stops on the same rule as the flow (`L ≤ max(loss_rtol·L(θ₀),
+floor)`), and measures the sharpness every `sharpness_every` steps by Lanczos iteration
+on Hessian-vector products (no dense Hessian). Loss and time conventions are those of
+`gradient_flow` (square loss 1/(2N)); the discrete time after k steps is `t = kη`.
+"""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import optax
+from jax.flatten_util import ravel_pytree
+from jaxtyping import Array
+
+from ._losses import AbstractLoss, SquareLoss
+from ._networks import AbstractNetwork
+from ._results import RESULTS, status_word
+
+OPTIMIZERS = ("gd", "sgd", "momentum", "adam")
+
+
+def lanczos_top_eigenvalue(hvp, dim: int, key, num_iters: int = 30):
+    """Largest eigenvalue of the symmetric operator `hvp` (R^dim → R^dim) by `num_iters`
+    Lanczos iterations with full reorthogonalisation (exact once `num_iters ≥ dim`, up to
+    round-off). Returns `(λ_max, λ_min of the Krylov space)`."""
+    k = min(num_iters, dim)
+    v0 = jax.random.normal(key, (dim,))
+    v0 = v0 / jnp.linalg.norm(v0)
+    V = jnp.zeros((k + 1, dim)).at[0].set(v0)
+    alphas = jnp.zeros(k)
+    betas = jnp.zeros(k)
+
+    def body(i, carry):
+        V, alphas, betas = carry
+        v = V[i]
+        w = hvp(v)
+        a = jnp.dot(w, v)
+        # Full reorthogonalisation against every previous vector, twice (Kahan's "twice is enough").
+        for _ in range(2):
+            w = w - V.T @ (V @ w)
+        b = jnp.linalg.norm(w)
+        ok = b > 1e-12 * jnp.maximum(jnp.abs(a), 1.0)
+        V = V.at[i + 1].set(jnp.where(ok, w / jnp.where(ok, b, 1.0), 0.0))
+        return V, alphas.at[i].set(a), betas.at[i].set(jnp.where(ok, b, 0.0))
+
+    V, alphas, betas = jax.lax.fori_loop(0, k, body, (V, alphas, betas))
+    T = jnp.diag(alphas) + jnp.diag(betas[:-1], 1) + jnp.diag(betas[:-1], -1)
+    ev = jnp.linalg.eigvalsh(T)
+    return ev[-1], ev[0]
+
+
+def sharpness(net: AbstractNetwork, X, y, *, loss: AbstractLoss = SquareLoss(), key=None, num_iters: int = 30):
+    """`λ_max(∇²_θ L)` at `net` by Lanczos on Hessian-vector products."""
+    params, frozen = eqx.partition(net, net.trainable())
+    flat, unravel = ravel_pytree(params)
+    f = lambda v: loss(eqx.combine(unravel(v), frozen).outputs(X), y)
+    hvp = lambda v: jax.jvp(jax.grad(f), (flat,), (v,))[1]
+    key = jax.random.PRNGKey(0) if key is None else key
+    return lanczos_top_eigenvalue(hvp, flat.size, key, num_iters)[0]
+
+
+def stability_bound(optimizer: str, step_size, momentum: float = 0.9):
+    """The largest sharpness at which the optimiser's fixed points are linearly stable:
+    `2/η` (GD, SGD), `(2 + 2β)/η` (heavy ball); ∞ for Adam (no such bound)."""
+    if optimizer in ("gd", "sgd"):
+        return 2.0 / step_size
+    if optimizer == "momentum":
+        return (2.0 + 2.0 * momentum) / step_size
+    return jnp.inf * step_size
+
+
+def make_optimizer(optimizer: str, step_size, momentum: float = 0.9) -> optax.GradientTransformation:
+    """The optax transformation for a name; the step size is an injected hyperparameter
+    (an array in the optimiser state), so it can be vmapped and changed without recompiling."""
+    if optimizer in ("gd", "sgd"):
+        return optax.inject_hyperparams(optax.sgd)(learning_rate=step_size)
+    if optimizer == "momentum":
+        return optax.inject_hyperparams(optax.sgd)(learning_rate=step_size, momentum=momentum)
+    if optimizer == "adam":
+        return optax.inject_hyperparams(optax.adam)(learning_rate=step_size)
+    raise ValueError(f"unknown optimizer {optimizer!r}; choose from {', '.join(OPTIMIZERS)}")
+
+
+class TrainSolution(eqx.Module):
+    """Result of `train`.
+
+    - `network`, `predictor`, `loss`, `loss0`, `loss_target`: as for `FlowSolution`.
+    - `steps`: optimiser steps taken (`t = steps·η` in flow time for GD).
+    - `max_sharpness`: largest λ_max(∇²L) measured (every `sharpness_every` steps and at
+      the end); `final_sharpness` at the end; `stability_bound`: 2/η (GD/SGD),
+      (2+2β)/η (momentum), ∞ (Adam).
+    - `edge_of_stability`: the sharpness exceeded the bound at some point.
+    - `loss_increases`: number of steps at which the (full-batch) loss went up.
+    - `history_steps`, `history_loss`, `history_sharpness`: one entry per sharpness
+      measurement (the first `history` of them; unused slots are NaN / −1).
+    - `invariant_drift`: as for `FlowSolution` (GD drifts by O(η²) per step).
+    - `result`: `RESULTS` (`successful`: converged to a linearly stable minimum;
+      `unstable`: diverged, or ended above the stability bound, or the reference
+      minimum it was asked to reach is unstable at this η; `max_steps_reached`).
+    """
+
+    network: AbstractNetwork
+    predictor: Array
+    loss: Array
+    loss0: Array
+    loss_target: Array
+    steps: Array
+    max_sharpness: Array
+    final_sharpness: Array
+    stability_bound: Array
+    edge_of_stability: Array
+    loss_increases: Array
+    history_steps: Array
+    history_loss: Array
+    history_sharpness: Array
+    invariant_drift: Array
+    result: RESULTS
+
+    @property
+    def status(self) -> str:
+        return status_word(self.result)
+
+
+def train(
+    net: AbstractNetwork,
+    X,
+    y,
+    *,
+    optimizer: str = "gd",
+    step_size: float,
+    loss: AbstractLoss = SquareLoss(),
+    momentum: float = 0.9,
+    batch_size: int | None = None,
+    key=None,
+    label_noise: float = 0.0,
+    loss_rtol: float = 1e-24,
+    max_steps: int = 2_000_000,
+    sharpness_every: int = 100,
+    lanczos_iters: int = 30,
+    history: int = 512,
+    reference_sharpness=None,
+    divergence_factor: float = 1e8,
+    throw: bool = True,
+) -> TrainSolution:
+    """Train `net` on (X, y) with a discrete optimiser until the flow's stopping rule fires.
+
+    **Arguments:**
+
+    - `optimizer`: `"gd"` (full batch), `"sgd"` (mini-batches of `batch_size` drawn
+      without replacement with `key`), `"momentum"` (heavy ball, `momentum` β; mini-batch
+      if `batch_size`), `"adam"`. `step_size` η (an array is fine: vmappable).
+    - `label_noise`: std of Gaussian noise added to the batch labels at every step (SGD
+      with label noise); the loss then never reaches 0 and the run ends at `max_steps`.
+    - `loss_rtol`: stop when `L ≤ max(loss_rtol·L(θ₀), loss.floor(y))` (the flow's rule).
+    - `sharpness_every`: steps between Lanczos sharpness measurements (`lanczos_iters`
+      iterations each); `history`: how many measurements are kept.
+    - `reference_sharpness`: sharpness of the minimum the run is meant to reach (e.g. the
+      gradient flow's limit); above the stability bound the result is `unstable`: GD
+      cannot converge to it.
+    - `divergence_factor`: `L > divergence_factor·L(θ₀)` counts as divergence (unstable).
+    - `throw`: raise unless the run converged to a stable minimum.
+
+    jit/vmap-safe over the network's arrays, `step_size` and `key`.
+    """
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {optimizer!r}; choose from {', '.join(OPTIMIZERS)}")
+    if batch_size is not None and optimizer not in ("sgd", "momentum", "adam"):
+        raise ValueError("batch_size applies to sgd, momentum and adam")
+    if optimizer == "sgd" and batch_size is None:
+        raise ValueError("optimizer 'sgd' needs batch_size")
+    dtype = jnp.result_type(float)
+    key = jax.random.PRNGKey(0) if key is None else key
+    ref = jnp.asarray(jnp.nan if reference_sharpness is None else reference_sharpness, dtype)
+    return _train(net, X, y, loss, optimizer, jnp.asarray(step_size, dtype), momentum, batch_size, key,
+                  jnp.asarray(label_noise, dtype), jnp.asarray(loss_rtol, dtype), max_steps, sharpness_every,
+                  lanczos_iters, history, ref, jnp.asarray(divergence_factor, dtype), throw)
+
+
+@eqx.filter_jit
+def _train(net, X, y, loss, optimizer, step_size, momentum, batch_size, key, label_noise, loss_rtol, max_steps,
+           sharpness_every, lanczos_iters, history, reference_sharpness, divergence_factor, throw):
+    X = jnp.asarray(X)
+    y = jnp.asarray(y)
+    if X.ndim != 2 or y.ndim != 1 or X.shape[0] != y.shape[0]:
+        raise ValueError(f"X must be (N, d) and y (N,) with the same N; got {X.shape} and {y.shape}")
+    if X.shape[1] != net.dim:
+        raise ValueError(f"X has d = {X.shape[1]} columns but the network has input dimension {net.dim}")
+    N = X.shape[0]
+    if batch_size is not None and not 1 <= batch_size <= N:
+        raise ValueError(f"batch_size must lie in [1, N = {N}], got {batch_size}")
+    step_size = eqx.error_if(step_size, ~(step_size > 0) | ~jnp.isfinite(step_size), "step_size must be finite and > 0")
+    X = eqx.error_if(X, ~jnp.all(jnp.isfinite(X)), "X contains NaN or inf")
+    y = eqx.error_if(y, ~jnp.all(jnp.isfinite(y)), "y contains NaN or inf")
+
+    params, frozen = eqx.partition(net, net.trainable())
+    flat0, unravel = ravel_pytree(params)
+    P = flat0.size
+
+    def loss_on(flat, Xb, yb):
+        return loss(eqx.combine(unravel(flat), frozen).outputs(Xb), yb)
+
+    full = lambda flat: loss_on(flat, X, y)
+    loss0 = full(flat0)
+    target = jnp.maximum(loss_rtol * loss0, loss.floor(y))
+    opt = make_optimizer(optimizer, step_size, momentum)
+    bound = stability_bound(optimizer, step_size, momentum)
+    key, lkey = jax.random.split(key)
+
+    def sharp(flat):
+        hvp = lambda v: jax.jvp(jax.grad(full), (flat,), (v,))[1]
+        return lanczos_top_eigenvalue(hvp, P, lkey, lanczos_iters)[0]
+
+    def bad(L):
+        return ~jnp.isfinite(L) | (L > divergence_factor * loss0)
+
+    def step(_, carry):
+        flat, opt_state, key, L, steps, incs, done = carry
+        key, kb, kn = jax.random.split(key, 3)
+        if batch_size is None:
+            Xb, yb = X, y
+        else:
+            idx = jax.random.choice(kb, N, (batch_size,), replace=False)
+            Xb, yb = X[idx], y[idx]
+        yb = yb + label_noise * jax.random.normal(kn, yb.shape)
+        g = jax.grad(loss_on)(flat, Xb, yb)
+        upd, new_state = opt.update(g, opt_state, flat)
+        new = optax.apply_updates(flat, upd)
+        newL = full(new)
+        keep = lambda a, b: jnp.where(done, a, b)
+        incs = incs + (~done & (newL > L)).astype(incs.dtype)
+        steps = steps + (~done).astype(steps.dtype)
+        flat = keep(flat, new)
+        opt_state = jax.tree_util.tree_map(keep, opt_state, new_state)
+        L = keep(L, newL)
+        done = done | (L <= target) | bad(L) | (steps >= max_steps)
+        return flat, opt_state, key, L, steps, incs, done
+
+    def chunk_cond(carry):
+        inner, _, _ = carry
+        return ~inner[-1]
+
+    def chunk_body(carry):
+        inner, hist, (count, smax) = carry
+        inner = jax.lax.fori_loop(0, sharpness_every, step, inner)
+        flat, L, steps = inner[0], inner[3], inner[4]
+        s = sharp(flat)
+        s = jnp.where(bad(L), jnp.nan, s)
+        hs, hl, hsh = hist
+        slot = jnp.minimum(count, history - 1)
+        write = count < history
+        hs = hs.at[slot].set(jnp.where(write, steps, hs[slot]))
+        hl = hl.at[slot].set(jnp.where(write, L, hl[slot]))
+        hsh = hsh.at[slot].set(jnp.where(write, s, hsh[slot]))
+        return inner, (hs, hl, hsh), (count + 1, jnp.fmax(smax, s))
+
+    zero = jnp.zeros((), jnp.int32)
+    s0 = sharp(flat0)
+    inner0 = (flat0, opt.init(flat0), key, loss0, zero, zero, loss0 <= target)
+    hist0 = (jnp.full(history, -1, jnp.int32).at[0].set(0), jnp.full(history, jnp.nan).at[0].set(loss0),
+             jnp.full(history, jnp.nan).at[0].set(s0))
+    inner, hist, (_, smax) = jax.lax.while_loop(chunk_cond, chunk_body, (inner0, hist0, (jnp.ones((), jnp.int32), s0)))
+    flat, _, _, L, steps, incs, _ = inner
+    final_sharp = jnp.where(bad(L), jnp.nan, sharp(flat))
+    smax = jnp.fmax(smax, final_sharp)
+    converged = L <= target
+    tol = 1 + 1e-8
+    res = RESULTS.where(converged, RESULTS.successful, RESULTS.max_steps_reached)
+    unstable = (
+        bad(L)
+        | (converged & (final_sharp > tol * bound))
+        | (~converged & (smax > tol * bound))
+        | (reference_sharpness > tol * bound)
+    )
+    res = RESULTS.where(unstable, RESULTS.unstable, res)
+    final = eqx.combine(unravel(flat), frozen)
+    inv0, inv1 = net.invariants(), final.invariants()
+    drift = (jnp.max(jnp.abs(inv1 - inv0)) / jnp.maximum(1.0, jnp.max(jnp.abs(inv0))) if inv0.size
+             else jnp.zeros((), X.dtype))
+    out = TrainSolution(
+        network=final,
+        predictor=final.predictor(),
+        loss=L,
+        loss0=loss0,
+        loss_target=target,
+        steps=steps,
+        max_sharpness=smax,
+        final_sharpness=final_sharp,
+        stability_bound=jnp.asarray(bound, X.dtype),
+        edge_of_stability=smax > tol * bound,
+        loss_increases=incs,
+        history_steps=hist[0],
+        history_loss=hist[1],
+        history_sharpness=hist[2],
+        invariant_drift=drift,
+        result=res,
+    )
+    if throw:
+        out = res.error_if(out, res != RESULTS.successful)
+    return out
