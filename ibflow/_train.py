@@ -54,9 +54,46 @@ def lanczos_top_eigenvalue(hvp, dim: int, key, num_iters: int = 30):
         return V, alphas.at[i].set(a), betas.at[i].set(jnp.where(ok, b, 0.0))
 
     V, alphas, betas = jax.lax.fori_loop(0, k, body, (V, alphas, betas))
-    T = jnp.diag(alphas) + jnp.diag(betas[:-1], 1) + jnp.diag(betas[:-1], -1)
-    ev = jnp.linalg.eigvalsh(T)
-    return ev[-1], ev[0]
+    return tridiagonal_extreme_eigenvalues(alphas, betas[:-1])
+
+
+def tridiagonal_extreme_eigenvalues(diag, offdiag, iters: int = 110):
+    """Largest and smallest eigenvalues of the symmetric tridiagonal matrix
+    (`diag`, `offdiag`) by Sturm-sequence bisection (Wilkinson; Golub & Van Loan §8.4.1),
+    to full float64 precision. Pure array operations: no LAPACK call inside the training
+    loop (batched LAPACK calls inside vmapped loops have hung XLA's CPU backend)."""
+    b2 = jnp.concatenate([jnp.zeros(1, diag.dtype), offdiag**2])
+    tiny = jnp.finfo(diag.dtype).tiny
+
+    def count_below(x):
+        def body(carry, ab):
+            d_prev, cnt = carry
+            a, bb = ab
+            d = a - x - bb / d_prev
+            d = jnp.where(d == 0, -tiny, d)
+            return (d, cnt + (d < 0)), None
+
+        (_, cnt), _ = jax.lax.scan(body, (jnp.ones((), diag.dtype), jnp.zeros((), jnp.int32)), (diag, b2))
+        return cnt
+
+    r = jnp.abs(jnp.concatenate([offdiag, jnp.zeros(1, diag.dtype)])) + jnp.abs(
+        jnp.concatenate([jnp.zeros(1, diag.dtype), offdiag]))
+    lo0, hi0 = jnp.min(diag - r), jnp.max(diag + r)
+    n = diag.shape[0]
+
+    def bisect(pred):
+        def body(_, lh):
+            lo, hi = lh
+            mid = 0.5 * (lo + hi)
+            go_left = pred(count_below(mid))
+            return jnp.where(go_left, lo, mid), jnp.where(go_left, mid, hi)
+
+        lo, hi = jax.lax.fori_loop(0, iters, body, (lo0, hi0))
+        return 0.5 * (lo + hi)
+
+    top = bisect(lambda c: c >= n)  # smallest x with every eigenvalue below it
+    bottom = bisect(lambda c: c >= 1)  # smallest x with one eigenvalue below it
+    return top, bottom
 
 
 def sharpness(net: AbstractNetwork, X, y, *, loss: AbstractLoss = SquareLoss(), key=None, num_iters: int = 30):
