@@ -60,6 +60,17 @@ CATALOGUE = {
 }
 
 
+#: Catalogue cases whose DeepDiagonal reference (an ODE per coordinate) is slow: run with -m slow.
+SLOW_CASES = {"diag-depth4"}
+
+
+def catalogue_params(names):
+    """pytest params over catalogue names, the slow ones marked `slow`."""
+    import pytest
+
+    return [pytest.param(n, marks=pytest.mark.slow) if n in SLOW_CASES else n for n in names]
+
+
 def labels_for(name, y):
     """Leaky-ReLU with a > 0 needs labels reachable by a·σ(·): any sign is fine."""
     return y

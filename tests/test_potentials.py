@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import ibflow as ib
-from helpers import CATALOGUE, problem, rel
+from helpers import CATALOGUE, problem, rel, catalogue_params
 
 RNG = np.random.default_rng(11)
 W = jnp.asarray(RNG.standard_normal(12) * 0.7)
@@ -22,7 +22,7 @@ def _potentials():
 POTS = _potentials()
 
 
-@pytest.mark.parametrize("name", sorted(POTS))
+@pytest.mark.parametrize("name", catalogue_params(sorted(POTS)))
 def test_round_trip(name):
     pot = POTS[name]
     v = jnp.asarray(np.random.default_rng(1).standard_normal(12) * 0.1)
