@@ -122,10 +122,12 @@ class MarginGeometry:
 
 
 def real_fourier_basis(d: int):
-    """Orthonormal real DFT basis T (rows) with its frequency groups and the weights
-    c_j such that `Σ_k |(Fβ)_k|^q = Σ_j c_j ‖(Tβ)_{G_j}‖^q` (F: unnormalised DFT)."""
+    """Orthonormal real DFT basis T (rows) and its frequency groups: k = 0, the pairs
+    (cos k, sin k) and, for even d, the Nyquist frequency. With `|(Fβ)_k| = √(d/2)‖(Tβ)_G‖`
+    on a pair and `√d |(Tβ)_G|` on a singleton (F: unnormalised DFT), `margin_geometry`
+    sets the weights c_j so that `Σ_k |(Fβ)_k|^q = Σ_j c_j ‖(Tβ)_{G_j}‖^q`."""
     i = np.arange(d)
-    rows, groups, weights = [np.full(d, 1 / np.sqrt(d))], [[0]], []
+    rows, groups = [np.full(d, 1 / np.sqrt(d))], [[0]]
     for k in range(1, (d - 1) // 2 + 1):
         rows += [np.sqrt(2 / d) * np.cos(2 * np.pi * i * k / d), np.sqrt(2 / d) * np.sin(2 * np.pi * i * k / d)]
         groups.append([len(rows) - 2, len(rows) - 1])

@@ -26,7 +26,6 @@ from collections.abc import Callable
 from typing import ClassVar
 
 import diffrax as dfx
-import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 

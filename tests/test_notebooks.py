@@ -1,6 +1,5 @@
 """The notebooks are documentation that must not rot: execute each at small size."""
 
-import os
 import pathlib
 
 import nbformat
