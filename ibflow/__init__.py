@@ -66,6 +66,7 @@ from ._networks import (
     TensorNet as TensorNet,
     TiedDiagonalNet as TiedDiagonalNet,
     as_tensor_net as as_tensor_net,
+    orthogonal_tensor_net as orthogonal_tensor_net,
 )
 from ._potentials import (
     L2 as L2,

@@ -107,11 +107,22 @@ def implicit_potential(net: AbstractNetwork) -> AbstractPotential | NotCovered:
         if float(jnp.linalg.norm(w0)) == 0.0:
             return NotCovered("a(0)w(0) = 0: Azulay Thm 8.1 needs a non-zero initial predictor")
         return LeakyReLUNeuronPotential(jnp.maximum(delta, 0.0), w0, float(net.slope), float(jnp.sign(net.a)))
-    if isinstance(net, (ConvNet, TensorNet)):
+    if isinstance(net, TensorNet) and net.factors is not None:
+        # Yun et al. §3.3: GF on the v_l moves ã_l = U_lᵀv_l as a one-branch diagonal net on
+        # inputs Sx, so the potential is the diagonal one in ρ = ⊙ã_l (certified with data XSᵀ).
+        plus = jnp.stack([U.T @ v for U, v in zip(net.factors, net.vectors)])
+        pot = implicit_potential(DiagonalNet(plus, jnp.zeros_like(plus)))
+        if isinstance(pot, NotCovered):
+            return NotCovered(f"orthogonally decomposable TensorNet (one-branch diagonal net in rho-space): {pot.reason}")
+        return pot
+    if isinstance(net, ConvNet):
         return NotCovered(
-            f"{type(net).__name__} regression: the transformed-space potential is not implemented "
-            "(complex DFT coordinates: real kernels give a non-Hessian metric unless rho(0) = 0)"
+            "ConvNet regression: no potential exists for real kernels (d >= 3): each conjugate frequency "
+            "pair moves with the isotropic metric (|a_k|^2 + |b_k|^2) I_2, which is not a Hessian map"
         )
+    if isinstance(net, TensorNet):
+        return NotCovered("TensorNet without a real orthogonal decomposition (build it with "
+                          "orthogonal_tensor_net): no potential known")
     return NotCovered(f"no theorem known for {type(net).__name__}")
 
 
@@ -201,6 +212,10 @@ def certify(solution, X, y, *, initial: AbstractNetwork, potential=None, toleran
     if isinstance(pot, NotCovered):
         return Certificate("none", "", False, pot.reason, status, invariant_drift=drift, tolerances=tol)
     w = np.asarray(solution.predictor, dtype=float)
+    if isinstance(initial, TensorNet) and initial.factors is not None:
+        # The potential lives in the transformed space: ρ∞ = ⊙ U_lᵀv_l(∞), data X Sᵀ.
+        X = X @ np.asarray(initial.S, dtype=float).T
+        w = np.asarray(solution.network.transformed(), dtype=float)
     if pot == "l1":
         name, source = "l1", "min l1 interpolator (rich limit; Woodworth et al. 2020, Azulay §7.1)"
         ref, nu_lp = min_l1(X, y)

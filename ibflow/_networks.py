@@ -306,6 +306,20 @@ class TensorNet(AbstractNetwork):
 
     tensor: Float[Array, "d ..."]
     vectors: tuple[Float[Array, " k"], ...]
+    #: Optional real orthogonal decomposition `M(x) = Σ_j [Sx]_j U_1[:, j] ⊗ ⋯ ⊗ U_L[:, j]`
+    #: (Yun et al. §3.3), set by `orthogonal_tensor_net`; frozen, like the tensor.
+    S: Float[Array, "m d"] | None = None
+    factors: tuple[Float[Array, "k m"], ...] | None = None
+
+    def transformed(self):
+        """`ρ = ⊙_l U_lᵀ v_l` (requires the decomposition): the predictor in the transformed
+        space, with `w̃ = Sᵀρ`."""
+        if self.factors is None:
+            raise ValueError("TensorNet: no orthogonal decomposition attached (use orthogonal_tensor_net)")
+        rho = self.factors[0].T @ self.vectors[0]
+        for U, v in zip(self.factors[1:], self.vectors[1:]):
+            rho = rho * (U.T @ v)
+        return rho
 
     def __check_init__(self):
         ks = tuple(jnp.shape(v) for v in self.vectors)
@@ -323,7 +337,10 @@ class TensorNet(AbstractNetwork):
 
     def trainable(self):
         spec = super().trainable()
-        return eqx.tree_at(lambda n: n.tensor, spec, False)
+        spec = eqx.tree_at(lambda n: n.tensor, spec, False)
+        if self.factors is not None:
+            spec = eqx.tree_at(lambda n: (n.S, n.factors), spec, (False, tuple(False for _ in self.factors)))
+        return spec
 
     @property
     def dim(self) -> int:
@@ -387,6 +404,38 @@ class LeakyReLUNeuron(AbstractNetwork):
 # ---------------------------------------------------------------------------------------
 # Tensor formulations of the structured networks (Yun et al. 2021, §3; math.md §3.2)
 # ---------------------------------------------------------------------------------------
+
+
+def orthogonal_tensor_net(S, factors, vectors, *, atol: float = 1e-10) -> TensorNet:
+    """A `TensorNet` with the real orthogonally decomposable data tensor
+    `M(x) = Σ_j [Sx]_j U_1[:, j] ⊗ ⋯ ⊗ U_L[:, j]` (Yun et al. 2021 §3.3; math.md §3.3).
+
+    Gradient flow on the `v_l` then moves `ã_l = U_lᵀ v_l` exactly as a one-branch depth-L
+    diagonal net on the inputs `Sx` (components of v_l outside range(U_l) are frozen), so
+    the implicit-bias potential is the diagonal one in the transformed space ρ = ⊙ ã_l.
+
+    - `S`: `(m, d)` real with full column rank. `factors`: `U_l`, `(k_l, m)` with
+      orthonormal columns (checked to `atol`). `vectors`: initial `v_l ∈ R^{k_l}`.
+    """
+    S = np.asarray(S, dtype=float)
+    Us = [np.asarray(U, dtype=float) for U in factors]
+    if S.ndim != 2 or any(U.ndim != 2 or U.shape[1] != S.shape[0] for U in Us):
+        raise ValueError("orthogonal_tensor_net: S must be (m, d) and every U_l (k_l, m)")
+    if len(Us) != len(vectors) or len(Us) < 2:
+        raise ValueError("orthogonal_tensor_net: need one factor per parameter vector, L >= 2")
+    for l, U in enumerate(Us):
+        if not np.allclose(U.T @ U, np.eye(U.shape[1]), atol=atol):
+            raise ValueError(f"orthogonal_tensor_net: U_{l + 1} does not have orthonormal columns")
+    if np.linalg.matrix_rank(S) < S.shape[1]:
+        raise ValueError("orthogonal_tensor_net: S must have full column rank")
+    T = np.zeros((S.shape[1],) + tuple(U.shape[0] for U in Us))
+    for j in range(S.shape[0]):
+        outer = Us[0][:, j]
+        for U in Us[1:]:
+            outer = np.multiply.outer(outer, U[:, j])
+        T += np.multiply.outer(S[j], outer)
+    return TensorNet(jnp.asarray(T), tuple(jnp.asarray(v, dtype=float) for v in vectors), jnp.asarray(S),
+                     tuple(jnp.asarray(U) for U in Us))
 
 
 def as_tensor_net(net: AbstractNetwork) -> TensorNet:

@@ -115,3 +115,41 @@ def test_ntk_limit_of_fc_neuron(getkey):
         sol = ib.gradient_flow(net, X, y)
         d.append(ib.certify(sol, X, y, initial=net, potential="ntk").reference_distance)
     assert d[1] < d[0] / 3
+
+
+@pytest.mark.parametrize("L", [2, pytest.param(3, marks=pytest.mark.slow)])
+def test_orthogonally_decomposable_tensor_net(L):
+    """Yun et al. §3.3: a real orthogonally decomposable TensorNet is a one-branch diagonal
+    net in ρ = ⊙U_lᵀv_l on inputs Sx; its limit minimises the diagonal potential there."""
+    rng = np.random.default_rng(L)
+    N, d, m, k = 5, 8, 9, 11
+    X, y = rng.normal(size=(N, d)), rng.normal(size=N)
+    S = rng.normal(size=(m, d))
+    Us = [np.linalg.qr(rng.normal(size=(k, m)))[0] for _ in range(L)]
+    vs = [rng.uniform(0.3, 1.0, size=k) * (1 + 0.5 * l) for l in range(L)]
+    net = ib.orthogonal_tensor_net(S, Us, vs)
+    assert rel(net.predictor(), S.T @ net.transformed()) < 1e-12
+    sol = ib.gradient_flow(net, X, y)
+    cert = ib.certify(sol, X, y, initial=net)
+    assert cert.passed, cert.reason
+    assert cert.kkt_residual <= RTOL_LIMIT and cert.reference_distance <= RTOL_LIMIT
+    # Second method: the one-branch diagonal net on the transformed data X Sᵀ.
+    plus = jnp.stack([jnp.asarray(U).T @ jnp.asarray(v) for U, v in zip(Us, vs)])
+    diag = ib.gradient_flow(ib.DiagonalNet(plus, jnp.zeros_like(plus)), X @ S.T, y)
+    assert rel(sol.network.transformed(), diag.predictor) < 1e-8
+    assert not ib.certify(sol, X, y, initial=net, potential="l2").passed
+    with pytest.raises(ValueError, match="orthonormal"):
+        ib.orthogonal_tensor_net(S, [2 * U for U in Us], vs)
+
+
+def test_conv_regression_has_no_potential():
+    """Real kernels: a conjugate frequency pair moves with the isotropic metric
+    (|a|²+|b|²)I₂ = √(δ²+4|ρ|²)I₂, which violates the Hessian-map condition (Azulay eq. 7)."""
+    a, b = jnp.array([0.3, 0.5]), jnp.array([-0.8, 0.2])
+    rho = lambda v: jnp.array([v[0] * v[2] - v[1] * v[3], v[0] * v[3] + v[1] * v[2]])  # complex a·b
+    J = jax.jacfwd(rho)(jnp.concatenate([a, b]))
+    np.testing.assert_allclose(J @ J.T, (a @ a + b @ b) * jnp.eye(2), rtol=1e-14)
+    H = lambda r: jnp.eye(2) / jnp.sqrt(0.3**2 + 4 * jnp.sum(r**2))
+    assert float(ib.hessian_map_violation(H, jnp.array([0.4, -0.7]))) > 0.5
+    pot = ib.implicit_potential(ib.conv_init(0.5, 0.2, 6, key=jax.random.PRNGKey(0)))
+    assert isinstance(pot, ib.NotCovered) and "Hessian" in pot.reason

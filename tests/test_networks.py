@@ -49,7 +49,7 @@ def test_tensor_net_equivalence_outputs(getkey):
         np.testing.assert_allclose(tnet.outputs(X), net.outputs(X), rtol=1e-12, atol=1e-13)
 
 
-@pytest.mark.parametrize("index", [0, 3, 5] + [pytest.param(i, marks=pytest.mark.slow) for i in (1, 2, 4)])
+@pytest.mark.parametrize("index", [0, 3] + [pytest.param(i, marks=pytest.mark.slow) for i in (1, 2, 4, 5)])
 def test_tensor_net_equivalence_trajectories(index, getkey):
     """The same flow in two parameterisations: identical predictor trajectories."""
     X, y = problem(seed=index, N=3, d=5)
