@@ -300,6 +300,11 @@ def _run_margin(args, data, net0) -> int:
     X, y = data["X"], data["y"]
     if not np.all(np.abs(y) == 1):
         raise InputError("classification (--loss exp|logistic) needs labels y in {-1, +1}")
+    from ._margin import MARGIN_PROBLEMS
+
+    if args.potential not in (None, "implicit") + MARGIN_PROBLEMS:
+        raise InputError(f"--potential for classification must be one of {', '.join(MARGIN_PROBLEMS)}, "
+                         f"got {args.potential!r}")
     log_stop = _log_level(args.until_loss)
     if not args.until_time > 0:
         raise InputError(f"--until-time must be positive, got {args.until_time}")

@@ -207,6 +207,9 @@ def test_cli_classification(tmp_path):
     rc = main(["run", "--data", str(tmp_path / "c.npz"), "--net", "linear", "--alpha", "1", "--loss", "exp",
                "--until-loss", "2", "--out", str(out)])
     assert rc == 2
+    rc = main(["run", "--data", str(tmp_path / "c.npz"), "--net", "linear", "--alpha", "1", "--loss", "exp",
+               "--certify", "--potential", "ntk", "--out", str(out)])
+    assert rc == 2
 
 
 def test_moroshko_scale_vs_accuracy():
