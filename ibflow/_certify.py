@@ -183,13 +183,19 @@ class Certificate:
     passed: bool = False
 
     def to_dict(self, include_vectors: bool = False) -> dict:
-        d = dataclasses.asdict(self)
-        if not include_vectors:
-            d.pop("reference")
-        for k, v in d.items():
-            if isinstance(v, float) and not np.isfinite(v):
-                d[k] = None
-        return d
+        return certificate_dict(self, include_vectors)
+
+
+def certificate_dict(cert, include_vectors: bool = False) -> dict:
+    """A certificate dataclass as a JSON-ready dict: non-finite floats become None and the
+    `reference` vector is dropped unless `include_vectors`."""
+    d = dataclasses.asdict(cert)
+    if not include_vectors:
+        d.pop("reference")
+    for k, v in d.items():
+        if isinstance(v, float) and not np.isfinite(v):
+            d[k] = None
+    return d
 
 
 DEFAULT_TOLERANCES = dict(kkt=1e-7, reference=1e-7, primal=1e-8, drift=1e-7)

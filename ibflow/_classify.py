@@ -29,10 +29,15 @@ import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 from jaxtyping import Array, Float
 
+from ._flow import check_data, gauss_newton_factor, invariant_drift
 from ._losses import AbstractMarginLoss, ExponentialLoss
 from ._networks import AbstractNetwork, FullyConnectedNet
 from ._results import RESULTS, status_word
 from ._solver import LinearlyImplicitExtrapolation
+
+
+def _sq_norm(tree):
+    return sum(jnp.sum(x**2) for x in jax.tree_util.tree_leaves(tree))
 
 
 class MarginFlowProblem(eqx.Module):
@@ -57,16 +62,14 @@ class MarginFlowProblem(eqx.Module):
         return self.loss.log_value(self.network(params).outputs(self.X), self.y)
 
     def warp(self, params):
-        sq = sum(jnp.sum(x**2) for x in jax.tree_util.tree_leaves(params))
-        return (1.0 + sq) ** (0.5 * (2 - self.degree))
+        return (1.0 + _sq_norm(params)) ** (0.5 * (2 - self.degree))
 
     def vector_field(self, tau, state, _):
         params, u = state
         grad = jax.grad(self.log_loss)(params)
         g = self.warp(params)
         dparams = jax.tree_util.tree_map(lambda x: -g * x, grad)
-        sq = sum(jnp.sum(x**2) for x in jax.tree_util.tree_leaves(grad))
-        return dparams, g * (jnp.exp(-u) - sq)
+        return dparams, g * (jnp.exp(-u) - _sq_norm(grad))
 
     def log1p_t(self, state):
         params, u = state
@@ -91,19 +94,8 @@ class MarginFlowProblem(eqx.Module):
         coupling = lambda x: jnp.append(jnp.zeros_like(flat), jnp.dot(row, x[:-1]))
         R = jnp.sqrt(p)[:, None] * (jnp.eye(p.shape[0]) - p[None, :])
         R = jnp.sqrt(self.warp(params)) * R * self.y[None, :]
-        kdiag = net.predictor_kernel_diagonal() if net.is_linear else None
-        if kdiag is not None:
-            Xc = R @ self.X
-            K = (Xc * kdiag) @ Xc.T
-            w_fn = lambda v: self.network(unravel(v)).predictor()
-            _, jvp = jax.linearize(w_fn, flat)
-            vjp = jax.linear_transpose(jvp, flat)
-            apply = lambda b: Xc @ jvp(b[:-1])
-            apply_T = lambda z: jnp.append(vjp(Xc.T @ z)[0], 0.0)
-            return K, apply, apply_T, (D, coupling)
-        out = lambda v: self.network(unravel(v)).outputs(self.X)
-        G = R @ jax.jacrev(out)(flat)
-        return G @ G.T, lambda b: G @ b[:-1], lambda z: jnp.append(G.T @ z, 0.0), (D, coupling)
+        K, apply, apply_T = gauss_newton_factor(self.network, params, self.X, lambda A: R @ A)
+        return K, lambda b: apply(b[:-1]), lambda z: jnp.append(apply_T(z), 0.0), (D, coupling)
 
 
 def _stop(tau, state, problem: MarginFlowProblem, **kwargs):
@@ -154,7 +146,7 @@ def _diagnostics(problem: MarginFlowProblem, params, log1p_t, steps) -> MarginRe
     net = problem.network(params)
     z = problem.y * net.outputs(problem.X)
     gamma = jnp.min(z)
-    sq = sum(jnp.sum(x**2) for x in jax.tree_util.tree_leaves(params))
+    sq = _sq_norm(params)
     w = net.predictor()
     r1, al = _layer_alignment(net)
     return MarginRecord(
@@ -263,17 +255,14 @@ def margin_flow(
     log_stop = float(jnp.log(until_loss)) if log_until_loss is None else float(log_until_loss)
     if not log_stop < 0:
         raise ValueError(f"the stopping loss level must be below 1, got log L = {log_stop}")
-    if log_record_losses is not None:
-        record_losses = None
+    if log_record_losses is None and record_losses is not None:
+        log_record_losses = [float(jnp.log(v)) for v in record_losses]
+    if log_record_losses is None:
+        levels = [-e * float(jnp.log(10.0)) for e in default_record_exponents(-log_stop / float(jnp.log(10.0)))]
+    else:
         levels = sorted((float(v) for v in log_record_losses), reverse=True)
         if any(v <= log_stop for v in levels):
             raise ValueError("record levels must all lie above the stopping level")
-    elif record_losses is None:
-        levels = [-e * float(jnp.log(10.0)) for e in default_record_exponents(-log_stop / float(jnp.log(10.0)))]
-    else:
-        levels = sorted((float(jnp.log(v)) for v in record_losses), reverse=True)
-        if any(v <= log_stop for v in levels):
-            raise ValueError("record_losses must all lie above the stopping level")
     log_levels = jnp.asarray(levels + [log_stop], dtype)
     return _margin_flow(net, X, y, loss, solver, jnp.asarray(rtol, dtype), jnp.asarray(atol, dtype), log_levels,
                         jnp.asarray(jnp.log1p(until_time), dtype), max_steps, throw)
@@ -281,15 +270,9 @@ def margin_flow(
 
 @eqx.filter_jit
 def _margin_flow(net, X, y, loss, solver, rtol, atol, log_levels, log1p_t_max, max_steps, throw):
-    X = jnp.asarray(X)
-    y = jnp.asarray(y)
-    if X.ndim != 2 or y.ndim != 1 or X.shape[0] != y.shape[0]:
-        raise ValueError(f"X must be (N, d) and y (N,) with the same N; got {X.shape} and {y.shape}")
-    if X.shape[1] != net.dim:
-        raise ValueError(f"X has d = {X.shape[1]} columns but the network has input dimension {net.dim}")
+    X, y = check_data(net, X, y)
     if not isinstance(loss, AbstractMarginLoss):
         raise TypeError(f"margin_flow needs a margin loss (exp or logistic), got {type(loss).__name__}")
-    X = eqx.error_if(X, ~jnp.all(jnp.isfinite(X)), "X contains NaN or inf")
     y = eqx.error_if(y, ~jnp.all(jnp.abs(y) == 1), "classification labels y must be +1 or -1")
     if solver is None:
         solver = LinearlyImplicitExtrapolation(order_k=5)
@@ -343,13 +326,9 @@ def _margin_flow(net, X, y, loss, solver, rtol, atol, log_levels, log1p_t_max, m
     flat, _ = ravel_pytree(params_end)
     finite = jnp.all(jnp.isfinite(flat)) & jnp.isfinite(log_loss)
     result = RESULTS.where(finite, result, RESULTS.nonfinite_flow)
-    inv0, inv1 = net.invariants(), final.invariants()
-    if inv0.size:
-        # Balancedness is an exact invariant, but the parameters grow like log t, so the
-        # drift is measured relative to the current squared parameter scale.
-        drift = jnp.max(jnp.abs(inv1 - inv0)) / jnp.maximum(1.0, jnp.sum(flat**2))
-    else:
-        drift = jnp.zeros((), X.dtype)
+    # Balancedness is an exact invariant, but the parameters grow like log t, so the
+    # drift is measured relative to the current squared parameter scale.
+    drift = invariant_drift(net, final, scale=jnp.sum(flat**2))
     last = jax.tree_util.tree_map(lambda a: a[-1], record)
     out = MarginFlowSolution(
         network=final,

@@ -132,6 +132,27 @@ def _jsonable(x):
     return [_jsonable(v) for v in a]
 
 
+def _write_json(path, out):
+    with open(path, "w") as f:
+        json.dump(out, f, indent=1)
+
+
+def _add_init_fields(out, args):
+    """The (α, s, seed) of a scale/shape initialisation (absent for --init files)."""
+    if args.init is None:
+        out.update(alpha=args.alpha, shape=args.shape if args.shape is not None else 0.0, seed=args.seed)
+
+
+def _add_regression_fields(out, args, data, net, w):
+    """Initialisation fields, and test / population errors where the data file has them."""
+    _add_init_fields(out, args)
+    if "X_test" in data:
+        pred = np.asarray(net.outputs(data["X_test"]))
+        out["test_error"] = float(np.mean((pred - data["y_test"]) ** 2))
+    if "w_star" in data:
+        out["population_error"] = float(np.sum((w - data["w_star"]) ** 2))
+
+
 def cmd_run(args) -> int:
     import jax
 
@@ -168,13 +189,7 @@ def cmd_run(args) -> int:
         status=sol.status,
         wall_seconds=wall,
     )
-    if args.init is None:
-        out.update(alpha=args.alpha, shape=args.shape if args.shape is not None else 0.0, seed=args.seed)
-    if "X_test" in data:
-        pred = np.asarray(sol.network.outputs(data["X_test"]))
-        out["test_error"] = float(np.mean((pred - data["y_test"]) ** 2))
-    if "w_star" in data:
-        out["population_error"] = float(np.sum((w - data["w_star"]) ** 2))
+    _add_regression_fields(out, args, data, sol.network, w)
     if args.certify:
         from ._certify import certify
 
@@ -182,8 +197,7 @@ def cmd_run(args) -> int:
         out["certificate"] = cert.to_dict()
         if not cert.applicable:
             sys.stderr.write(f"ibflow: certificate not applicable: {cert.reason}\n")
-    with open(args.out, "w") as f:
-        json.dump(out, f, indent=1)
+    _write_json(args.out, out)
     if sol.status != "converged":
         return _fail(f"gradient flow did not converge (status: {sol.status}); see {args.out}", code=1)
     return 0
@@ -257,20 +271,13 @@ def _run_optimizer(args, data, net0) -> int:
                              "this optimiser cannot converge to it")
         else:
             out["reason"] = "the loss diverged or the sharpness stayed above the stability bound"
-    if args.init is None:
-        out.update(alpha=args.alpha, shape=args.shape if args.shape is not None else 0.0, seed=args.seed)
-    if "X_test" in data:
-        pred = np.asarray(sol.network.outputs(data["X_test"]))
-        out["test_error"] = float(np.mean((pred - data["y_test"]) ** 2))
-    if "w_star" in data:
-        out["population_error"] = float(np.sum((w - data["w_star"]) ** 2))
+    _add_regression_fields(out, args, data, sol.network, w)
     if args.certify:
         from ._certify import certify
 
         cert = certify(sol, X, y, initial=net0, potential=args.potential)
         out["certificate"] = cert.to_dict()
-    with open(args.out, "w") as f:
-        json.dump(out, f, indent=1)
+    _write_json(args.out, out)
     if sol.status != "converged":
         return _fail(f"optimiser did not converge to a stable minimum (status: {sol.status}); see {args.out}",
                      code=1)
@@ -311,8 +318,7 @@ def _run_margin(args, data, net0) -> int:
     try:
         check_separable(X, y)
     except NotSeparableError as e:
-        with open(args.out, "w") as f:
-            json.dump(dict(net=args.net, loss_name=args.loss, status="not separable", reason=str(e)), f, indent=1)
+        _write_json(args.out, dict(net=args.net, loss_name=args.loss, status="not separable", reason=str(e)))
         return _fail(str(e), code=2)
     t0 = time.perf_counter()
     sol = margin_flow(net0, X, y, loss=loss_by_name(args.loss), log_until_loss=log_stop, until_time=args.until_time,
@@ -343,8 +349,7 @@ def _run_margin(args, data, net0) -> int:
         status=sol.status,
         wall_seconds=wall,
     )
-    if args.init is None:
-        out.update(alpha=args.alpha, shape=args.shape if args.shape is not None else 0.0, seed=args.seed)
+    _add_init_fields(out, args)
     if "X_test" in data:
         pred = np.asarray(sol.network.outputs(data["X_test"]))
         out["test_error"] = float(np.mean(np.sign(pred) != data["y_test"]))
@@ -364,8 +369,7 @@ def _run_margin(args, data, net0) -> int:
             for r, dvec in zip(records, np.asarray(rec.direction)):
                 r["alignment"] = float(1.0 - dvec @ ref)
     out["record"] = records
-    with open(args.out, "w") as f:
-        json.dump(out, f, indent=1)
+    _write_json(args.out, out)
     if sol.status != "converged":
         return _fail(f"flow did not reach the loss level (status: {sol.status}); see {args.out}", code=1)
     return 0

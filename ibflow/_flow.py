@@ -52,28 +52,58 @@ class GradientFlowProblem(eqx.Module):
     def gauss_newton(self, params):
         """The Gauss–Newton factor `G = C^{1/2} J` (J: `(N, P)` Jacobian of the outputs
         w.r.t. the flattened parameters, C: loss curvature), as
-        `(K, apply, apply_T)` with `K = GGᵀ` (N×N), `apply(b) = Gb`, `apply_T(z) = Gᵀz`.
-
-        For linear networks with a diagonal predictor kernel (diagonal, tied, linear)
-        K costs O(N²d) and G is applied by one jvp/vjp of w̃; otherwise J is formed
-        by N reverse-mode passes. A P×P matrix is never formed.
+        `(K, apply, apply_T)` (see `gauss_newton_factor`).
         """
-        flat, unravel = ravel_pytree(params)
         net = self.network(params)
-        F0 = net.outputs(self.X)
-        c = jnp.sqrt(self.loss.curvature(F0, self.y))
+        c = jnp.sqrt(self.loss.curvature(net.outputs(self.X), self.y))
         c = c * jnp.sqrt(self.warp_factor(params))
-        kdiag = net.predictor_kernel_diagonal() if net.is_linear else None
-        if kdiag is not None:
-            Xc = c[:, None] * self.X
-            K = (Xc * kdiag) @ Xc.T
-            w_fn = lambda v: self.network(unravel(v)).predictor()
-            _, jvp = jax.linearize(w_fn, flat)
-            vjp = jax.linear_transpose(jvp, flat)
-            return K, lambda b: Xc @ jvp(b), lambda z: vjp(Xc.T @ z)[0]
-        F = lambda v: self.network(unravel(v)).outputs(self.X)
-        G = c[:, None] * jax.jacrev(F)(flat)
-        return G @ G.T, lambda b: G @ b, lambda z: G.T @ z
+        return gauss_newton_factor(self.network, params, self.X, lambda A: c[:, None] * A)
+
+
+def gauss_newton_factor(network, params, X, left):
+    """`G = left(J)` with J the `(N, P)` Jacobian of the outputs `network(params).outputs(X)`
+    w.r.t. the flattened parameters and `left` a linear map on its rows (loss curvature
+    factor), as `(K, apply, apply_T)`: `K = GGᵀ` (N×N), `apply(b) = Gb`, `apply_T(z) = Gᵀz`.
+
+    For linear networks with a diagonal predictor kernel (diagonal, tied, linear)
+    K costs O(N²d) and G is applied by one jvp/vjp of w̃; otherwise J is formed
+    by N reverse-mode passes. A P×P matrix is never formed.
+    """
+    flat, unravel = ravel_pytree(params)
+    net = network(params)
+    kdiag = net.predictor_kernel_diagonal() if net.is_linear else None
+    if kdiag is not None:
+        Xc = left(X)
+        K = (Xc * kdiag) @ Xc.T
+        w_fn = lambda v: network(unravel(v)).predictor()
+        _, jvp = jax.linearize(w_fn, flat)
+        vjp = jax.linear_transpose(jvp, flat)
+        return K, lambda b: Xc @ jvp(b), lambda z: vjp(Xc.T @ z)[0]
+    F = lambda v: network(unravel(v)).outputs(X)
+    G = left(jax.jacrev(F)(flat))
+    return G @ G.T, lambda b: G @ b, lambda z: G.T @ z
+
+
+def check_data(net: AbstractNetwork, X, y):
+    """Trace-time shape checks of (X, y) against `net` and a value check that X is finite;
+    returns them as arrays. Callers check y (finite, or ±1 for classification)."""
+    X = jnp.asarray(X)
+    y = jnp.asarray(y)
+    if X.ndim != 2 or y.ndim != 1 or X.shape[0] != y.shape[0]:
+        raise ValueError(f"X must be (N, d) and y (N,) with the same N; got {X.shape} and {y.shape}")
+    if X.shape[1] != net.dim:
+        raise ValueError(f"X has d = {X.shape[1]} columns but the network has input dimension {net.dim}")
+    return eqx.error_if(X, ~jnp.all(jnp.isfinite(X)), "X contains NaN or inf"), y
+
+
+def invariant_drift(net0: AbstractNetwork, net1: AbstractNetwork, scale=None):
+    """max |I(θ₁) − I(θ₀)| over the conserved quantities, relative to
+    `max(1, scale)` (default scale: max |I(θ₀)|); 0 when the network has none."""
+    inv0, inv1 = net0.invariants(), net1.invariants()
+    if not inv0.size:
+        return jnp.zeros((), inv0.dtype)
+    scale = jnp.max(jnp.abs(inv0)) if scale is None else scale
+    return jnp.max(jnp.abs(inv1 - inv0)) / jnp.maximum(1.0, scale)
 
 
 def _vector_field(t, params, problem: GradientFlowProblem):
@@ -193,15 +223,9 @@ def gradient_flow(
 @eqx.filter_jit
 def _gradient_flow(net, X, y, loss, solver, rtol, atol, loss_rtol, t_max, dt0, max_steps, save_ts, warp, throw):
     """The jitted body of `gradient_flow` (tolerances arrive as arrays)."""
-    X = jnp.asarray(X)
-    y = jnp.asarray(y)
-    if X.ndim != 2 or y.ndim != 1 or X.shape[0] != y.shape[0]:
-        raise ValueError(f"X must be (N, d) and y (N,) with the same N; got {X.shape} and {y.shape}")
-    if X.shape[1] != net.dim:
-        raise ValueError(f"X has d = {X.shape[1]} columns but the network has input dimension {net.dim}")
+    X, y = check_data(net, X, y)
     if solver is None:
         solver = default_solver()
-    X = eqx.error_if(X, ~jnp.all(jnp.isfinite(X)), "X contains NaN or inf")
     y = eqx.error_if(y, ~jnp.all(jnp.isfinite(y)), "y contains NaN or inf")
 
     params, frozen = eqx.partition(net, net.trainable())
@@ -254,11 +278,7 @@ def _gradient_flow(net, X, y, loss, solver, rtol, atol, loss_rtol, t_max, dt0, m
     finite = jnp.all(jnp.isfinite(flat_end)) & jnp.isfinite(loss_end)
     result = RESULTS.where(finite, result, RESULTS.nonfinite_flow)
 
-    inv0, inv1 = net.invariants(), final.invariants()
-    if inv0.size:
-        drift = jnp.max(jnp.abs(inv1 - inv0)) / jnp.maximum(1.0, jnp.max(jnp.abs(inv0)))
-    else:
-        drift = jnp.zeros((), X.dtype)
+    drift = invariant_drift(net, final)
 
     evals_per_step = getattr(solver, "vector_field_evaluations_per_step", jnp.nan)
     out = FlowSolution(

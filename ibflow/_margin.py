@@ -47,6 +47,7 @@ import scipy.optimize
 import scipy.sparse as sp
 from jax.flatten_util import ravel_pytree
 
+from ._certify import certificate_dict
 from ._networks import (
     AbstractNetwork,
     ConvNet,
@@ -369,13 +370,7 @@ class MarginCertificate:
     passed: bool = False
 
     def to_dict(self, include_vectors: bool = False) -> dict:
-        d = dataclasses.asdict(self)
-        if not include_vectors:
-            d.pop("reference")
-        for k, v in d.items():
-            if isinstance(v, float) and not np.isfinite(v):
-                d[k] = None
-        return d
+        return certificate_dict(self, include_vectors)
 
 
 #: Constants C of the tolerances: alignment C·ε (q = 2) or C·ε² (q < 2), kkt and lyu_li C·√ε, active and
@@ -412,7 +407,8 @@ def certify_margin(solution, X, y, *, initial: AbstractNetwork, potential: str |
     y = np.asarray(y, float)
     check_separable(X, y)
     status = solution.status
-    geom = margin_geometry(initial) if potential in (None, "implicit") else margin_geometry_by_name(
+    native = margin_geometry(initial)
+    geom = native if potential in (None, "implicit") else margin_geometry_by_name(
         potential, initial.dim, getattr(initial, "depth", 2))
     net = solution.network
     log_loss = float(solution.log_loss)
@@ -429,7 +425,6 @@ def certify_margin(solution, X, y, *, initial: AbstractNetwork, potential: str |
     gamma = float(np.min(m))
     margins = m / gamma
     mu = float("nan")
-    native = margin_geometry(initial)
     if geom is not None and geom.q < 2 and native is not None and native.name == geom.name:
         # μ is Moroshko's effective scale of the architecture's own rich problem; a
         # forced problem on another architecture (a negative control) gets ε = ε_L.

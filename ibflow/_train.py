@@ -22,6 +22,7 @@ import optax
 from jax.flatten_util import ravel_pytree
 from jaxtyping import Array
 
+from ._flow import check_data, invariant_drift
 from ._losses import AbstractLoss, SquareLoss
 from ._networks import AbstractNetwork
 from ._results import RESULTS, status_word
@@ -226,17 +227,11 @@ def train(
 @eqx.filter_jit
 def _train(net, X, y, loss, optimizer, step_size, momentum, batch_size, key, label_noise, loss_rtol, max_steps,
            sharpness_every, lanczos_iters, history, reference_sharpness, divergence_factor, throw):
-    X = jnp.asarray(X)
-    y = jnp.asarray(y)
-    if X.ndim != 2 or y.ndim != 1 or X.shape[0] != y.shape[0]:
-        raise ValueError(f"X must be (N, d) and y (N,) with the same N; got {X.shape} and {y.shape}")
-    if X.shape[1] != net.dim:
-        raise ValueError(f"X has d = {X.shape[1]} columns but the network has input dimension {net.dim}")
+    X, y = check_data(net, X, y)
     N = X.shape[0]
     if batch_size is not None and not 1 <= batch_size <= N:
         raise ValueError(f"batch_size must lie in [1, N = {N}], got {batch_size}")
     step_size = eqx.error_if(step_size, ~(step_size > 0) | ~jnp.isfinite(step_size), "step_size must be finite and > 0")
-    X = eqx.error_if(X, ~jnp.all(jnp.isfinite(X)), "X contains NaN or inf")
     y = eqx.error_if(y, ~jnp.all(jnp.isfinite(y)), "y contains NaN or inf")
 
     params, frozen = eqx.partition(net, net.trainable())
@@ -320,9 +315,7 @@ def _train(net, X, y, loss, optimizer, step_size, momentum, batch_size, key, lab
     )
     res = RESULTS.where(unstable, RESULTS.unstable, res)
     final = eqx.combine(unravel(flat), frozen)
-    inv0, inv1 = net.invariants(), final.invariants()
-    drift = (jnp.max(jnp.abs(inv1 - inv0)) / jnp.maximum(1.0, jnp.max(jnp.abs(inv0))) if inv0.size
-             else jnp.zeros((), X.dtype))
+    drift = invariant_drift(net, final)
     out = TrainSolution(
         network=final,
         predictor=final.predictor(),
