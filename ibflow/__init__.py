@@ -15,6 +15,7 @@ from ._certify import (
     Certificate as Certificate,
     NotCovered as NotCovered,
     certify as certify,
+    certify_batch as certify_batch,
     implicit_potential as implicit_potential,
     named_potential as named_potential,
 )

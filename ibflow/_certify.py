@@ -10,6 +10,7 @@ fails when the flow did not converge or no theorem covers the network.
 import dataclasses
 
 import equinox as eqx
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -231,19 +232,20 @@ def certify(solution, X, y, *, initial: AbstractNetwork, potential=None, toleran
         supp = np.abs(w) > 1e-6 * np.max(np.abs(w))
         viol = np.concatenate([s[supp] - np.sign(w[supp]), np.maximum(np.abs(s[~supp]) - 1, 0)])
         kkt = float(np.linalg.norm(viol) / np.sqrt(w.size))
-        ref_ok = True
-        yt = y
-        nu = nu_lp
-    else:
-        name, source = pot.name, pot.source
-        yt = np.asarray(pot.transform_labels(jnp.asarray(y)))
-        grad = np.asarray(pot.mirror(jnp.asarray(w)))
-        nu, *_ = np.linalg.lstsq(X.T, grad, rcond=None)
-        gnorm = np.linalg.norm(grad)
-        kkt = float(np.linalg.norm(grad - X.T @ nu) / gnorm) if gnorm > 0 else 0.0
-        refsol = dual_newton(pot, X, yt)
-        ref = np.asarray(refsol.w)
-        ref_ok = bool(refsol.converged)
+        return _verdict(name, source, status, w, X, y, kkt, nu_lp, ref, True, drift, tol)
+    yt = np.asarray(pot.transform_labels(jnp.asarray(y)))
+    grad = np.asarray(pot.mirror(jnp.asarray(w)))
+    nu, *_ = np.linalg.lstsq(X.T, grad, rcond=None)
+    gnorm = np.linalg.norm(grad)
+    kkt = float(np.linalg.norm(grad - X.T @ nu) / gnorm) if gnorm > 0 else 0.0
+    refsol = dual_newton(pot, X, yt)
+    return _verdict(pot.name, pot.source, status, w, X, yt, kkt, nu, np.asarray(refsol.w), bool(refsol.converged),
+                    drift, tol)
+
+
+def _verdict(name, source, status, w, X, yt, kkt, nu, ref, ref_ok, drift, tol) -> Certificate:
+    """The primal residual and reference distance of `w`, every check against `tol`, and the
+    `Certificate` (shared by `certify` and `certify_batch`)."""
     primal = float(np.linalg.norm(X @ w - yt) / max(np.linalg.norm(yt), 1e-300))
     dist = float(np.linalg.norm(w - ref) / max(np.linalg.norm(ref), 1e-300))
     checks = [
@@ -272,3 +274,66 @@ def certify(solution, X, y, *, initial: AbstractNetwork, potential=None, toleran
         tolerances=tol,
         passed=bool(all(checks)),
     )
+
+
+@eqx.filter_jit
+def _mirror_batch(pots, W, y):
+    """∇Q(w) and the transformed labels for a stacked batch of potentials of one kind."""
+    return jax.vmap(lambda p, w: (p.mirror(w), p.transform_labels(y)))(pots, W)
+
+
+def certify_batch(predictors, statuses, drifts, initials, X, y, *, tolerances: dict | None = None
+                  ) -> list[Certificate]:
+    """`certify` for many flows on the same data at once (what `sweep` uses): the same
+    certificate, field for field, as `certify(solution_b, X, y, initial=initials[b])`.
+
+    `predictors`: `(B, d)` limits w̃∞; `statuses`: their solve statuses; `drifts`: their
+    invariant drifts; `initials`: the B initial networks (unbatched). Points whose
+    potentials are of one kind are certified together: one vmapped evaluation of the
+    mirror map ∇Q, the least-squares multiplier ν of `∇Q(w∞) = Xᵀν` through one QR
+    factorisation of Xᵀ, and the dual-Newton reference of each point; anything else
+    (no theorem; potentials with non-array fields) goes through `certify` one by one.
+    Orthogonally decomposable TensorNets, certified in their transformed space from the
+    final network, need `certify`.
+    """
+    tol = dict(DEFAULT_TOLERANCES, **(tolerances or {}))
+    X = np.asarray(X, dtype=float)
+    y = np.asarray(y, dtype=float)
+    W = np.asarray(predictors, dtype=float)
+    pots = [implicit_potential(net) for net in initials]
+    certs: list[Certificate | None] = [None] * len(pots)
+    groups: dict = {}
+    for b, (pot, net) in enumerate(zip(pots, initials)):
+        if isinstance(net, TensorNet) and net.factors is not None:
+            raise ValueError("certify_batch takes predictors only: certify an orthogonally decomposable TensorNet "
+                             "with certify(solution, ...), whose final network gives the transformed limit")
+        if isinstance(pot, AbstractPotential) and all(eqx.is_array(a) for a in jax.tree_util.tree_leaves(pot)):
+            leaves, treedef = jax.tree_util.tree_flatten(pot)
+            groups.setdefault((treedef, tuple((a.shape, a.dtype) for a in leaves)), []).append(b)
+        else:  # no theorem (the certificate says why), or a potential with non-array fields
+            certs[b] = certify(_Row(statuses[b], drifts[b], W[b]), X, y, initial=net, potential=pot
+                               if isinstance(pot, AbstractPotential) else None, tolerances=tolerances)
+    if groups:
+        Qx, R = np.linalg.qr(X.T)  # range of Xᵀ: ν = R⁻¹Qxᵀ g, residual g − Qx Qxᵀ g
+    for idx in groups.values():
+        stacked = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *[pots[b] for b in idx])
+        grads, yts = (np.asarray(a) for a in _mirror_batch(stacked, jnp.asarray(W[idx]), jnp.asarray(y)))
+        coef = grads @ Qx  # (n, N)
+        resid = np.linalg.norm(grads - coef @ Qx.T, axis=1)
+        gnorm = np.linalg.norm(grads, axis=1)
+        nus = np.linalg.solve(R, coef.T).T
+        for i, b in enumerate(idx):
+            kkt = float(resid[i] / gnorm[i]) if gnorm[i] > 0 else 0.0
+            refsol = dual_newton(pots[b], X, yts[i])
+            certs[b] = _verdict(pots[b].name, pots[b].source, statuses[b], W[b], X, yts[i], kkt, nus[i],
+                                np.asarray(refsol.w), bool(refsol.converged), float(drifts[b]), tol)
+    return certs
+
+
+class _Row:
+    """The few `FlowSolution` attributes `certify` reads."""
+
+    def __init__(self, status, drift, predictor):
+        self.status = status
+        self.invariant_drift = drift
+        self.predictor = predictor

@@ -30,7 +30,6 @@ import numpy as np
 
 from ._flow import gradient_flow
 from ._init import init_by_name
-from ._io import network_from_scale_shape
 from ._results import status_words
 
 CERT_FIELDS = ("kkt_residual", "reference_distance", "primal_residual", "passed", "potential", "applicable")
@@ -44,7 +43,8 @@ def _solver_fn(kind, d, depth, width, slope, X, y, flow_kwargs, optimizer=None, 
                            key=jax.random.PRNGKey(seed))
         sol = gradient_flow(net, X, y, throw=False, **flow_kwargs)
         if optimizer is None:
-            return sol.predictor, sol.loss, sol.num_steps, sol.t_end, sol.invariant_drift, sol.result, sol.network, {}
+            return (sol.predictor, sol.loss, sol.num_steps, sol.t_end, sol.invariant_drift, sol.result, sol.network,
+                    net, {})
         from ._train import sharpness, train
 
         flow_sharp = jnp.where(sol.converged, sharpness(sol.network, X, y), jnp.nan)
@@ -54,7 +54,7 @@ def _solver_fn(kind, d, depth, width, slope, X, y, flow_kwargs, optimizer=None, 
         extra = dict(max_sharpness=tr.max_sharpness, final_sharpness=tr.final_sharpness,
                      stability_bound=tr.stability_bound, flow_distance=jnp.where(sol.converged, dist, jnp.nan),
                      flow_sharpness=flow_sharp, loss_increases=tr.loss_increases.astype(float))
-        return tr.predictor, tr.loss, tr.steps, tr.steps * eta, tr.invariant_drift, tr.result, tr.network, extra
+        return tr.predictor, tr.loss, tr.steps, tr.steps * eta, tr.invariant_drift, tr.result, tr.network, net, extra
 
     return one
 
@@ -181,7 +181,7 @@ def sweep(
         k = jax.device_put(jnp.asarray([seeds[p[2]] for p in pad]), sharding)
         e = jax.device_put(jnp.asarray([etas[p[3]] for p in pad]), sharding)
         t0 = time.perf_counter()
-        pred, loss, steps, t_end, drift, result, nets, extra = solve_chunk(a, s, k, e)
+        pred, loss, steps, t_end, drift, result, nets, nets0, extra = solve_chunk(a, s, k, e)
         jax.block_until_ready(pred)
         words = status_words(result)
         rows = []
@@ -197,12 +197,14 @@ def sweep(
                 if w_star is not None:
                     row["population_error"] = float(np.sum((row["predictor"] - np.asarray(w_star)) ** 2))
         if certify:
-            from ._certify import certify as _certify
+            from ._certify import certify_batch
 
-            for b, (row, p) in enumerate(zip(rows, pts)):
-                init = network_from_scale_shape(net, d, float(alphas[p[0]]), float(shapes[p[1]]), depth=depth,
-                                                width=width, slope=slope, seed=int(seeds[p[2]]))
-                cert = _certify(_RowSolution(row), X, y, initial=init)
+            nets0 = jax.tree_util.tree_map(lambda x: np.asarray(x) if eqx.is_array(x) else x, nets0)
+            initials = [jax.tree_util.tree_map(lambda x: x[b] if eqx.is_array(x) else x, nets0)
+                        for b in range(len(pts))]
+            certs = certify_batch(np.stack([r["predictor"] for r in rows]), [r["status"] for r in rows],
+                                  [r["invariant_drift"] for r in rows], initials, X, y)
+            for row, cert in zip(rows, certs):
                 row.update({f: getattr(cert, f) for f in CERT_FIELDS})
         elapsed = time.perf_counter() - t0
         for row in rows:
@@ -227,15 +229,6 @@ def sweep(
         ds.to_netcdf(tmp, engine="h5netcdf")
         os.replace(tmp, os.path.join(out, "sweep.nc"))
     return ds
-
-
-class _RowSolution:
-    """The few `FlowSolution` attributes `certify` reads, from a stored sweep row."""
-
-    def __init__(self, row):
-        self.status = row["status"]
-        self.invariant_drift = row["invariant_drift"]
-        self.predictor = row["predictor"]
 
 
 _SCALARS = ("train_loss", "num_steps", "t_end", "invariant_drift", "seconds", "test_error", "population_error",

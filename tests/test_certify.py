@@ -153,3 +153,29 @@ def test_conv_regression_has_no_potential():
     assert float(ib.hessian_map_violation(H, jnp.array([0.4, -0.7]))) > 0.5
     pot = ib.implicit_potential(ib.conv_init(0.5, 0.2, 6, key=jax.random.PRNGKey(0)))
     assert isinstance(pot, ib.NotCovered) and "Hessian" in pot.reason
+
+
+def test_certify_batch_agrees_with_certify(getkey):
+    """The sweep's batched certificate (one vmapped mirror map, one QR of Xᵀ) equals `certify`
+    point by point over the whole catalogue, a network no theorem covers, an unconverged flow
+    and a wrong limit, mixed in one batch."""
+    X, y = problem()
+    nets, sols = zip(*(solve_case(name) for name in sorted(CATALOGUE)))
+    nets, preds = list(nets), [np.asarray(s.predictor) for s in sols]
+    statuses, drifts = [s.status for s in sols], [float(s.invariant_drift) for s in sols]
+    nets.append(ib.fully_connected_init(1.0, -0.5, X.shape[1], key=getkey()))  # δ < 0: not covered
+    preds.append(preds[0])
+    statuses.append("converged")
+    drifts.append(0.0)
+    statuses[1] = "max_steps"  # certificate must fail on status alone
+    preds[2] = preds[2] * (1 + 1e-4)  # a limit off the constraint set
+    certs = ib.certify_batch(np.stack(preds), statuses, drifts, nets, X, y)
+    for net, w, status, drift, cert in zip(nets, preds, statuses, drifts, certs):
+        row = type("Row", (), dict(status=status, invariant_drift=drift, predictor=w))
+        one = ib.certify(row, X, y, initial=net)
+        assert (cert.potential, cert.applicable, cert.passed, cert.reason) == (
+            one.potential, one.applicable, one.passed, one.reason)
+        for f in ("kkt_residual", "reference_distance", "primal_residual"):
+            a, b = getattr(cert, f), getattr(one, f)
+            assert (np.isnan(a) and np.isnan(b)) or abs(a - b) <= 1e-12 + 1e-6 * abs(b), (f, a, b)
+    assert [c.passed for c in certs].count(False) >= 3
