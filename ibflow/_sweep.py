@@ -5,9 +5,10 @@
   `jit(vmap(gradient_flow))` call whose batch is sharded over all JAX devices
   (`jax.sharding`, a 1-D mesh named "points"). A vmapped adaptive solve steps all
   members until the slowest has converged, so grouping similar α keeps lock-step cheap.
-- Each finished chunk is written at once to `DIR/chunks/chunk-XXXXX.nc` (netCDF via
-  h5netcdf) together with the point indices it holds; re-running the same sweep
-  skips every finished point, and an interrupted sweep loses nothing already written.
+- Each finished chunk is written to `DIR/chunks/chunk-XXXXX.nc` (netCDF via h5netcdf, by
+  a background thread while the next chunk solves) together with the point indices it
+  holds; re-running the same sweep skips every finished point, and an interrupted sweep
+  loses nothing already written.
   `DIR/config.json` pins the sweep's definition: a different sweep in the same DIR is
   refused rather than mixed in.
 - The result is an `xarray.Dataset` with coordinates `alpha`, `shape`, `seed` (and
@@ -168,6 +169,16 @@ def sweep(
     sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("points"))
     solve_chunk = eqx.filter_jit(eqx.filter_vmap(one))
 
+    # Finished chunks are written by one background thread (pure host I/O, no JAX), so the
+    # next chunk's solve does not wait for netCDF encoding (~75 ms a chunk).
+    from concurrent.futures import ThreadPoolExecutor
+
+    writer = ThreadPoolExecutor(max_workers=1) if out is not None else None
+    writes = []
+    next_chunk = 0
+    if out is not None:
+        names = [n for n in os.listdir(os.path.join(out, "chunks")) if n.startswith("chunk-") and n.endswith(".nc")]
+        next_chunk = 1 + max((int(n[6:-3]) for n in names if n[6:-3].isdigit()), default=-1)
     bar = None
     if progress and todo:
         from tqdm.auto import tqdm
@@ -211,13 +222,18 @@ def sweep(
             row["seconds"] = elapsed / len(pts)
         for p, row in zip(pts, rows):
             done[p] = row
-        if out is not None:
-            _write_chunk(os.path.join(out, "chunks", f"chunk-{len(os.listdir(os.path.join(out, 'chunks'))):05d}.nc"),
-                         pts, rows)
+        if writer is not None:
+            path = os.path.join(out, "chunks", f"chunk-{next_chunk:05d}.nc")
+            writes.append(writer.submit(_write_chunk, path, pts, [dict(r) for r in rows]))
+            next_chunk += 1
         if bar is not None:
             bar.update(len(pts))
     if bar is not None:
         bar.close()
+    if writer is not None:
+        writer.shutdown(wait=True)
+        for w in writes:
+            w.result()  # a failed chunk write is an error, not a silently missing file
     ds = _assemble(done, alphas, shapes, seeds, etas, d, net, certify)
     if optimizer is None:
         ds = ds.isel(step_size=0, drop=True)
