@@ -53,11 +53,11 @@ class LinearlyImplicitExtrapolation(dfx.AbstractAdaptiveSolver):
 
     **Arguments:**
 
-    - `order`: number k of extrapolation stages (sequence 1, 2, …, k); the method
+    - `order_k`: number k of extrapolation stages (sequence 1, 2, …, k; default 8); the method
       has order k and its error estimate order k−1.
     """
 
-    order_k: int = 7
+    order_k: int = 8
 
     term_structure: ClassVar = dfx.AbstractTerm
     interpolation_cls: ClassVar[Callable] = dfx.LocalLinearInterpolation
