@@ -125,5 +125,6 @@ def main():
         print(f"acceptance: `ibflow sweep` {t_cli:.1f} s for 100 points vs SciPy LSODA {t:.1f} s for one point "
               f"(α = {a:.2g}, s = 0; error {e:.1e}): ratio {t_cli / t:.2f} (≤ 1 passes)")
 
+
 if __name__ == "__main__":
     main()
