@@ -234,13 +234,20 @@ def certify(solution, X, y, *, initial: AbstractNetwork, potential=None, toleran
         kkt = float(np.linalg.norm(viol) / np.sqrt(w.size))
         return _verdict(name, source, status, w, X, y, kkt, nu_lp, ref, True, drift, tol)
     yt = np.asarray(pot.transform_labels(jnp.asarray(y)))
-    grad = np.asarray(pot.mirror(jnp.asarray(w)))
-    nu, *_ = np.linalg.lstsq(X.T, grad, rcond=None)
-    gnorm = np.linalg.norm(grad)
-    kkt = float(np.linalg.norm(grad - X.T @ nu) / gnorm) if gnorm > 0 else 0.0
+    nus, kkts = _stationarity(np.asarray(pot.mirror(jnp.asarray(w)))[None], X)
     refsol = dual_newton(pot, X, yt)
-    return _verdict(pot.name, pot.source, status, w, X, yt, kkt, nu, np.asarray(refsol.w), bool(refsol.converged),
-                    drift, tol)
+    return _verdict(pot.name, pot.source, status, w, X, yt, float(kkts[0]), nus[0], np.asarray(refsol.w),
+                    bool(refsol.converged), drift, tol)
+
+
+def _stationarity(grads, X):
+    """For each row g of `grads` (B, d): the least-squares multiplier ν of `g = Xᵀν` and the
+    relative residual `‖g − Xᵀν‖/‖g‖` (0 where g = 0), all rows in one lstsq call (exact
+    projection on range(Xᵀ) at any rank of X)."""
+    nus = np.linalg.lstsq(X.T, grads.T, rcond=None)[0].T
+    gnorm = np.linalg.norm(grads, axis=1)
+    resid = np.linalg.norm(grads - nus @ X, axis=1)
+    return nus, np.where(gnorm > 0, resid / np.where(gnorm > 0, gnorm, 1.0), 0.0)
 
 
 def _verdict(name, source, status, w, X, yt, kkt, nu, ref, ref_ok, drift, tol) -> Certificate:
@@ -290,8 +297,8 @@ def certify_batch(predictors, statuses, drifts, initials, X, y, *, tolerances: d
     `predictors`: `(B, d)` limits w̃∞; `statuses`: their solve statuses; `drifts`: their
     invariant drifts; `initials`: the B initial networks (unbatched). Points whose
     potentials are of one kind are certified together: one vmapped evaluation of the
-    mirror map ∇Q, the least-squares multiplier ν of `∇Q(w∞) = Xᵀν` through one QR
-    factorisation of Xᵀ, and the dual-Newton reference of each point; anything else
+    mirror map ∇Q, the least-squares multipliers ν of `∇Q(w∞) = Xᵀν` in one lstsq call
+    (`_stationarity`, shared with `certify`), and the dual-Newton reference of each point; anything else
     (no theorem; potentials with non-array fields) goes through `certify` one by one.
     Orthogonally decomposable TensorNets, certified in their transformed space from the
     final network, need `certify`.
@@ -313,36 +320,15 @@ def certify_batch(predictors, statuses, drifts, initials, X, y, *, tolerances: d
         else:  # no theorem (the certificate says why), or a potential with non-array fields
             certs[b] = certify(_Row(statuses[b], drifts[b], W[b]), X, y, initial=net, potential=pot
                                if isinstance(pot, AbstractPotential) else None, tolerances=tolerances)
-    if groups:
-        Qx, R = _row_space(X)  # range of Xᵀ: ν = R⁻¹Qxᵀ g, residual g − Qx Qxᵀ g
     for idx in groups.values():
         stacked = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *[pots[b] for b in idx])
         grads, yts = (np.asarray(a) for a in _mirror_batch(stacked, jnp.asarray(W[idx]), jnp.asarray(y)))
-        coef = grads @ Qx  # (n, N)
-        resid = np.linalg.norm(grads - coef @ Qx.T, axis=1)
-        gnorm = np.linalg.norm(grads, axis=1)
-        nus = np.linalg.solve(R, coef.T).T
+        nus, kkts = _stationarity(grads, X)
         for i, b in enumerate(idx):
-            kkt = float(resid[i] / gnorm[i]) if gnorm[i] > 0 else 0.0
             refsol = dual_newton(pots[b], X, yts[i])
-            certs[b] = _verdict(pots[b].name, pots[b].source, statuses[b], W[b], X, yts[i], kkt, nus[i],
+            certs[b] = _verdict(pots[b].name, pots[b].source, statuses[b], W[b], X, yts[i], float(kkts[i]), nus[i],
                                 np.asarray(refsol.w), bool(refsol.converged), float(drifts[b]), tol)
     return certs
-
-
-_ROW_SPACE: dict = {}
-
-
-def _row_space(X):
-    """Thin QR of Xᵀ, kept for the last data set (a sweep certifies chunk after chunk on the
-    same X; one QR of a 1000 × 100 Xᵀ costs ~50 ms)."""
-    import hashlib
-
-    key = (X.shape, hashlib.sha1(X.tobytes()).hexdigest())
-    if key not in _ROW_SPACE:
-        _ROW_SPACE.clear()
-        _ROW_SPACE[key] = np.linalg.qr(X.T)
-    return _ROW_SPACE[key]
 
 
 class _Row:

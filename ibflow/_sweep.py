@@ -144,6 +144,7 @@ def sweep(
                   train_kwargs={k: repr(v) for k, v in (train_kwargs or {}).items()},
                   data=hashlib.sha256(X.tobytes() + y.tobytes()).hexdigest()[:16])
     done = {}
+    next_chunk = 0  # new chunk files are numbered on from the highest one already there
     if out is not None:
         os.makedirs(os.path.join(out, "chunks"), exist_ok=True)
         cfg_path = os.path.join(out, "config.json")
@@ -161,6 +162,8 @@ def sweep(
                     ds = ds.load()
                 for p, row in zip(ds["point"].values, _rows_from_chunk(ds)):
                     done[tuple(int(v) for v in p)] = row
+                if name.startswith("chunk-") and name[6:-3].isdigit():
+                    next_chunk = max(next_chunk, int(name[6:-3]) + 1)
     todo = [g for g in grid if g not in done]
 
     one = _solver_fn(net, d, depth, width, slope, jnp.asarray(X), jnp.asarray(y), flow_kwargs, optimizer,
@@ -175,10 +178,6 @@ def sweep(
 
     writer = ThreadPoolExecutor(max_workers=1) if out is not None else None
     writes = []
-    next_chunk = 0
-    if out is not None:
-        names = [n for n in os.listdir(os.path.join(out, "chunks")) if n.startswith("chunk-") and n.endswith(".nc")]
-        next_chunk = 1 + max((int(n[6:-3]) for n in names if n[6:-3].isdigit()), default=-1)
     bar = None
     if progress and todo:
         from tqdm.auto import tqdm

@@ -156,7 +156,7 @@ def test_conv_regression_has_no_potential():
 
 
 def test_certify_batch_agrees_with_certify(getkey):
-    """The sweep's batched certificate (one vmapped mirror map, one QR of Xᵀ) equals `certify`
+    """The sweep's batched certificate (one vmapped mirror map, one lstsq for all ν) equals `certify`
     point by point over the whole catalogue, a network no theorem covers, an unconverged flow
     and a wrong limit, mixed in one batch."""
     X, y = problem()
