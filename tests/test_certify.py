@@ -179,3 +179,22 @@ def test_certify_batch_agrees_with_certify(getkey):
             a, b = getattr(cert, f), getattr(one, f)
             assert (np.isnan(a) and np.isnan(b)) or abs(a - b) <= 1e-12 + 1e-6 * abs(b), (f, a, b)
     assert [c.passed for c in certs].count(False) >= 3
+
+
+def test_certify_batch_rank_deficient_data():
+    """A repeated sample makes X rank-deficient: the stationarity residual is still the exact
+    projection on range(Xᵀ), in the batch as in `certify` (a QR-based shortcut projects on a
+    spurious extra direction here), for the flow's limit and for a point off the KKT set."""
+    X, y = problem(seed=3, N=6)
+    X[5], y[5] = X[4], y[4]
+    net = ib.diagonal_init(0.1, 0.0, X.shape[1])
+    sol = ib.gradient_flow(net, X, y)
+    w = np.asarray(sol.predictor)
+    off = w + 1e-3 * np.random.default_rng(0).standard_normal(w.shape)
+    certs = ib.certify_batch(np.stack([w, off]), [sol.status] * 2, [float(sol.invariant_drift)] * 2, [net] * 2, X, y)
+    for v, cert in zip((w, off), certs):
+        row = type("Row", (), dict(status=sol.status, invariant_drift=float(sol.invariant_drift), predictor=v))
+        one = ib.certify(row, X, y, initial=net)
+        assert abs(cert.kkt_residual - one.kkt_residual) <= 1e-12 + 1e-9 * one.kkt_residual
+        assert (cert.passed, cert.reason) == (one.passed, one.reason)
+    assert certs[0].kkt_residual <= RTOL_LIMIT and certs[1].kkt_residual > 1e-4
