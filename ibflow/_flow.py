@@ -43,6 +43,10 @@ class GradientFlowProblem(eqx.Module):
     def gradient(self, params):
         return jax.grad(self.loss_value)(params)
 
+    def stop_level(self, params):
+        """The loss level at which the solve stops."""
+        return self.target
+
     def warp_factor(self, params):
         """g(θ) > 0 of a time-warped flow `θ̇ = −g(θ)∇L(θ)` (Azulay §5); 1 by default."""
         if self.warp is None:
@@ -58,6 +62,77 @@ class GradientFlowProblem(eqx.Module):
         c = jnp.sqrt(self.loss.curvature(net.outputs(self.X), self.y))
         c = c * jnp.sqrt(self.warp_factor(params))
         return gauss_newton_factor(self.network, params, self.X, lambda A: c[:, None] * A)
+
+
+_FLOOR_FACTOR = 4.0  # safety factor on the rounding-noise floor of `ReducedFlowProblem.stop_level`
+
+
+class ReducedFlowProblem(eqx.Module):
+    """The same gradient flow in N coordinates, for networks with a closed-form flow map.
+
+    With a diagonal predictor kernel, θ moves only through `z(t) = ∫₀ᵗ ∇_w̃ L = Xᵀa(t)`
+    (`AbstractNetwork.flow_map`: `θ(t) = Φ(θ(0), z(t))` exactly), so the flow is the
+    N-dimensional ODE `ȧ = ∂ℓ/∂f (X w̃(Φ(θ(0), Xᵀa)))`, `a(0) = 0` (ℓ: the loss as a
+    function of the outputs f = Xw̃). Its Jacobian is `−C X diag(k) Xᵀ` (C = 1/N for the
+    square loss, k the predictor kernel), the same stiff spectrum as the parameter flow's
+    Gauss–Newton term, given here whole as `stiff_matrix` (N×N, symmetric PSD).
+
+    This is an exact change of variables, not an approximation: the trajectory θ(Φ(z(t)))
+    is the parameter flow's. Used for `SquareLoss` without a time warp.
+    """
+
+    net0: AbstractNetwork
+    X: Float[Array, "N d"]
+    y: Float[Array, " N"]
+    loss: AbstractLoss
+    target: Float[Array, ""]
+    noise_gain: float = eqx.field(static=True, default=10.0)
+
+    def network(self, a) -> AbstractNetwork:
+        return self.net0.flow_map()(a @ self.X)
+
+    def loss_value(self, a):
+        return self.loss(self.network(a).outputs(self.X), self.y)
+
+    def vector_field(self, a):
+        return jax.grad(self.loss)(self.network(a).outputs(self.X), self.y)
+
+    def stiff_matrix(self, a):
+        k = self.network(a).predictor_kernel_diagonal()
+        return (self.X * k) @ self.X.T / self.X.shape[0]
+
+    def stop_level(self, a):
+        """The loss level at which the integration stops: `max(target, floor(a))`.
+
+        The floor is the square loss of the output noise that rounding puts into the state:
+        each evaluation of the outputs `X w̃(Φ(Xᵀa))` errs by about
+        `ε(|X| diag(k) |X|ᵀ|a| + |X||w̃| + |y|)`, and an extrapolation solver amplifies
+        independent sub-step errors by its `noise_gain` (Σ|c_j| of its tableau: 3392 at order 8).
+        On the Azulay §9 problem the state then stalls at a loss ~1e-23, above the default
+        target; `gradient_flow` finishes from there with `kernel_jump`."""
+        net = self.network(a)
+        k = net.predictor_kernel_diagonal()
+        absX = jnp.abs(self.X)
+        eps = jnp.finfo(a.dtype).eps
+        noise = absX @ (k * (jnp.abs(a) @ absX)) + absX @ jnp.abs(net.predictor()) + jnp.abs(self.y)
+        floor = 0.5 * jnp.mean((_FLOOR_FACTOR * self.noise_gain * eps * noise) ** 2)
+        return jnp.maximum(self.target, floor)
+
+    def kernel_jump(self, a):
+        """The limit of the flow linearised at a (the kernel-regime end-game of issue 6):
+        `a + M⁺ȧ`, i.e. one Newton step on `ȧ = 0`. Its distance to the exact limit is second
+        order in the residual (the flow in a is the gradient ascent of the strictly concave
+        `(Ω(Xᵀa) − yᵀa)/N`, `Ω' = w̃∘Φ`, whose maximiser is the flow's limit), and it removes
+        the rounding noise the integration leaves."""
+        lam, Q = jnp.linalg.eigh(self.stiff_matrix(a))
+        keep = lam > jnp.finfo(a.dtype).eps * a.shape[0] * lam[-1]
+        return a + Q @ (jnp.where(keep, 1.0 / jnp.where(keep, lam, 1.0), 0.0) * (Q.T @ self.vector_field(a)))
+
+
+def reducible(net: AbstractNetwork, loss: AbstractLoss, warp=None) -> bool:
+    """Whether `gradient_flow(mode="auto")` solves this flow in the reduced N coordinates
+    (`ReducedFlowProblem`): a closed-form flow map, the square loss and no time warp."""
+    return isinstance(loss, SquareLoss) and warp is None and net.flow_map() is not None
 
 
 def gauss_newton_factor(network, params, X, left):
@@ -111,8 +186,12 @@ def _vector_field(t, params, problem: GradientFlowProblem):
     return jax.tree_util.tree_map(lambda x: -g * x, problem.gradient(params))
 
 
-def _converged(t, params, problem: GradientFlowProblem, **kwargs):
-    return problem.loss_value(params) <= problem.target
+def _reduced_vector_field(t, a, problem: ReducedFlowProblem):
+    return problem.vector_field(a)
+
+
+def _converged(t, state, problem, **kwargs):
+    return problem.loss_value(state) <= problem.stop_level(state)
 
 
 class FlowSolution(eqx.Module):
@@ -127,6 +206,8 @@ class FlowSolution(eqx.Module):
     - `num_steps`, `num_accepted_steps`, `num_rejected_steps`, `num_fevals`.
     - `invariant_drift`: max |I(θ(t_end)) − I(θ(0))| / max(1, max |I(θ(0))|) over
       the network's conserved quantities (balancedness).
+    - `end_jump`: ‖Δw̃‖/‖w̃‖ of the reduced mode's end-game (`ReducedFlowProblem.kernel_jump`,
+      which removes the integration's rounding noise: ~1e-13 on the Azulay §9 grid); 0 otherwise.
     - `result`: a `RESULTS` item; `status` gives its one-word name.
     - `ts`, `trajectory_loss`, `trajectory_predictor`: the trajectory at the
       requested `save_ts` (inf where the flow stopped before that time), or None.
@@ -143,6 +224,7 @@ class FlowSolution(eqx.Module):
     num_rejected_steps: Array
     num_fevals: Array
     invariant_drift: Float[Array, "..."]
+    end_jump: Float[Array, "..."]
     result: RESULTS
     ts: Array | None = None
     trajectory_loss: Array | None = None
@@ -183,6 +265,7 @@ def gradient_flow(
     max_steps: int = 20_000,
     save_ts: Array | None = None,
     warp=None,
+    mode: str = "auto",
     throw: bool = True,
 ) -> FlowSolution:
     """Solve the exact gradient flow `dθ/dt = −∇L(θ)` from `net` to certified convergence.
@@ -204,6 +287,13 @@ def gradient_flow(
       (the solver steps onto them, so the trajectory is step-exact).
     - `warp`: optional `g(net) -> scalar > 0`; solves the time-warped flow
       `θ̇ = −g(θ)∇L(θ)`, which visits the same points (Azulay §5). A hashable function.
+    - `mode`: `"pure"` integrates the parameter ODE `dθ/dt = −∇L(θ)` itself; `"reduced"`
+      integrates the same flow in the N coordinates `a` of `z = ∫∇_w̃L = Xᵀa`, where the
+      network gives θ in closed form (`AbstractNetwork.flow_map`: two-layer diagonal, tied
+      depth-2 and linear nets, square loss, no warp; `ReducedFlowProblem`): an exact change
+      of variables with an N-dimensional state, so no conserved quantity can drift
+      (`invariant_drift` then measures only rounding). `"auto"` (default) takes `"reduced"`
+      where it applies, else `"pure"`. The two agree to the tolerances (tested).
     - `throw`: raise on any outcome but convergence (default). With `throw=False`
       the outcome is in `solution.result` / `solution.status`.
 
@@ -218,12 +308,26 @@ def gradient_flow(
     return _gradient_flow(
         net, X, y, loss, solver, jnp.asarray(rtol, dtype), jnp.asarray(atol, dtype),
         jnp.asarray(loss_rtol, dtype), jnp.asarray(t_max, dtype), None if dt0 is None else jnp.asarray(dt0, dtype),
-        max_steps, save_ts, warp, throw,
+        max_steps, save_ts, warp, _check_mode(mode, net, loss, warp), throw,
     )
 
 
+def _check_mode(mode, net, loss, warp) -> bool:
+    """True for the reduced coordinates (trace-time checks of `mode`)."""
+    if mode not in ("auto", "pure", "reduced"):
+        raise ValueError(f"mode must be 'auto', 'pure' or 'reduced', got {mode!r}")
+    ok = reducible(net, loss, warp)
+    if mode == "reduced" and not ok:
+        raise ValueError(
+            f"mode='reduced' needs a network with a closed-form flow map (two-layer diagonal, tied depth-2 or "
+            f"linear), the square loss and no warp; got {type(net).__name__} with {type(loss).__name__}"
+        )
+    return ok and mode != "pure"
+
+
 @eqx.filter_jit
-def _gradient_flow(net, X, y, loss, solver, rtol, atol, loss_rtol, t_max, dt0, max_steps, save_ts, warp, throw):
+def _gradient_flow(net, X, y, loss, solver, rtol, atol, loss_rtol, t_max, dt0, max_steps, save_ts, warp, reduced,
+                   throw):
     """The jitted body of `gradient_flow` (tolerances arrive as arrays)."""
     X, y = check_data(net, X, y)
     if solver is None:
@@ -234,7 +338,12 @@ def _gradient_flow(net, X, y, loss, solver, rtol, atol, loss_rtol, t_max, dt0, m
     probe = GradientFlowProblem(frozen, X, y, loss, jnp.zeros((), X.dtype), warp)
     loss0 = probe.loss_value(params)
     target = jnp.maximum(loss_rtol * loss0, loss.floor(y))
-    problem = GradientFlowProblem(frozen, X, y, loss, target, warp)
+    if reduced:
+        problem = ReducedFlowProblem(net, X, y, loss, target, getattr(solver, "noise_gain", 10.0))
+        state0, vector_field = jnp.zeros_like(y), _reduced_vector_field
+    else:
+        problem = GradientFlowProblem(frozen, X, y, loss, target, warp)
+        state0, vector_field = params, _vector_field
 
     if save_ts is None:
         saveat = dfx.SaveAt(t1=True)
@@ -243,12 +352,12 @@ def _gradient_flow(net, X, y, loss, solver, rtol, atol, loss_rtol, t_max, dt0, m
         saveat = dfx.SaveAt(subs=[dfx.SubSaveAt(t1=True), dfx.SubSaveAt(ts=save_ts, fn=save_fn)])
 
     sol = dfx.diffeqsolve(
-        dfx.ODETerm(_vector_field),
+        dfx.ODETerm(vector_field),
         solver,
         t0=0.0,
         t1=t_max,
         dt0=dt0,
-        y0=params,
+        y0=state0,
         args=problem,
         # Steps land on the save times, so the trajectory is step-exact (no interpolation).
         stepsize_controller=dfx.PIDController(rtol=rtol, atol=atol, step_ts=save_ts),
@@ -258,20 +367,31 @@ def _gradient_flow(net, X, y, loss, solver, rtol, atol, loss_rtol, t_max, dt0, m
         throw=False,
     )
     if save_ts is None:
-        final_params, ts, traj = sol.ys, None, (None, None)
+        final_state, ts, traj = sol.ys, None, (None, None)
     else:
-        final_params, (ts, traj) = sol.ys[0], (sol.ts[1], sol.ys[1])
-    final_params = jax.tree_util.tree_map(lambda a: a[-1], final_params)
+        final_state, (ts, traj) = sol.ys[0], (sol.ts[1], sol.ys[1])
+    final_state = jax.tree_util.tree_map(lambda a: a[-1], final_state)
     t_end = sol.ts[-1] if save_ts is None else sol.ts[0][-1]
 
-    final = eqx.combine(final_params, frozen)
-    loss_end = problem.loss_value(final_params)
+    if reduced:
+        # End-game: once integration has reached the stop level (the event fired), finish with
+        # the linearised flow's limit; status then requires the strict target below.
+        jumped = jnp.where(sol.result == dfx.RESULTS.event_occurred, problem.kernel_jump(final_state), final_state)
+        w_before = problem.network(final_state).predictor()
+        final_state = jumped
+        final = problem.network(final_state)
+        end_jump = jnp.linalg.norm(final.predictor() - w_before) / jnp.maximum(jnp.linalg.norm(w_before), 1e-300)
+        final_params = eqx.filter(final, net.trainable())
+    else:
+        final_params = final_state
+        final = eqx.combine(final_params, frozen)
+        end_jump = jnp.zeros((), X.dtype)
+    loss_end = problem.loss_value(final_state)
     result = RESULTS.promote(sol.result)
     result = RESULTS.where(result == RESULTS.event_occurred, RESULTS.successful, result)
-    # Reaching t_max without the stopping event is not convergence.
-    result = RESULTS.where(
-        (sol.result == dfx.RESULTS.successful) & (loss_end > target), RESULTS.not_converged, result
-    )
+    # Reaching t_max without the stopping event is not convergence, nor (reduced mode) an
+    # end-game jump that left the loss above the target.
+    result = RESULTS.where((result == RESULTS.successful) & (loss_end > target), RESULTS.not_converged, result)
     rejected = sol.stats["num_rejected_steps"]
     result = RESULTS.where(
         (result == RESULTS.max_steps_reached) & (2 * rejected > sol.stats["num_steps"]), RESULTS.stalled, result
@@ -295,6 +415,7 @@ def _gradient_flow(net, X, y, loss, solver, rtol, atol, loss_rtol, t_max, dt0, m
         num_rejected_steps=sol.stats["num_rejected_steps"],
         num_fevals=sol.stats["num_steps"] * evals_per_step,
         invariant_drift=drift,
+        end_jump=end_jump,
         result=result,
         ts=ts,
         trajectory_loss=traj[0],

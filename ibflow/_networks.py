@@ -9,6 +9,7 @@ Conventions: rows of `X` are samples, `X ∈ R^{N×d}`.
 """
 
 import abc
+from collections.abc import Callable
 from typing import ClassVar
 
 import equinox as eqx
@@ -48,6 +49,18 @@ class AbstractNetwork(eqx.Module):
 
         Lets the stiff solver build the N×N tangent kernel `X diag(k) Xᵀ` in
         O(N²d) instead of through the N×P output Jacobian."""
+        return None
+
+    def flow_map(self) -> Callable[[Float[Array, " d"]], "AbstractNetwork"] | None:
+        """The gradient flow in closed form given its driving signal, when one exists, else None.
+
+        For the networks with a diagonal predictor kernel the square-loss flow moves θ only
+        through `g(t) = ∇_w̃ L(θ(t))`, coordinate by coordinate; writing `z(t) = ∫₀ᵗ g`, the flow
+        is `θ(t) = Φ(θ(0), z(t))` with Φ explicit (the conservation laws integrate each
+        coordinate's ODE, Azulay et al. 2021 §4, proof of Thm 4.1; Woodworth et al. 2020 §4).
+        Returns `z ↦ Φ(self, z)`, with `dw̃/dz = −k(Φ(z))` (k: `predictor_kernel_diagonal`).
+        Used by `gradient_flow(mode="reduced")`, which integrates the flow in the N coordinates
+        `a` of `z = Xᵀa`."""
         return None
 
     @property
@@ -101,6 +114,10 @@ class Linear(AbstractNetwork):
     def predictor_kernel_diagonal(self):
         return jnp.ones_like(self.w)
 
+    def flow_map(self):
+        # ẇ = −g, so w(t) = w(0) − z(t).
+        return lambda z: Linear(self.w - z)
+
     def invariants(self):
         return jnp.zeros((0,), self.w.dtype)
 
@@ -148,6 +165,24 @@ class DiagonalNet(AbstractNetwork):
                        for l in range(L))
         return branch(self.plus) + branch(self.minus)
 
+    def flow_map(self):
+        """Depth 2 only. Positive branch `(u, v)`: `u̇ = −g v`, `v̇ = −g u`, so
+        `u ± v = (u₀ ± v₀) e^{∓z}`; negative branch `(p, q)` (w̃ ∋ −pq): `p ± q = (p₀ ± q₀) e^{±z}`
+        (Azulay et al. 2021, proof of Thm 4.1). Each factor is a sum of two exponentials of
+        fixed sign, evaluated without the cancellation of `u₀ cosh z − v₀ sinh z`."""
+        if self.depth != 2:
+            return None
+        (u, v), (p, q) = self.plus, self.minus
+        su, du, sm, dm = u + v, u - v, p + q, p - q
+
+        def at(z):
+            e, ei = jnp.exp(z), jnp.exp(-z)
+            plus = jnp.stack([su * ei + du * e, su * ei - du * e]) / 2
+            minus = jnp.stack([sm * e + dm * ei, sm * e - dm * ei]) / 2
+            return DiagonalNet(plus, minus)
+
+        return at
+
     def invariants(self):
         # a_l² − a_L² per coordinate and branch (math.md §3.5, §5.1).
         p = self.plus[:-1] ** 2 - self.plus[-1] ** 2
@@ -189,6 +224,13 @@ class TiedDiagonalNet(AbstractNetwork):
     def predictor_kernel_diagonal(self):
         L = self.depth
         return (L * self.plus ** (L - 1)) ** 2 + (L * self.minus ** (L - 1)) ** 2
+
+    def flow_map(self):
+        """Depth 2 only: `ẇ₊ = −2g w₊`, `ẇ₋ = 2g w₋`, so `w₊ = w₊(0) e^{−2z}`, `w₋ = w₋(0) e^{2z}`
+        (Woodworth et al. 2020, §4)."""
+        if self.depth != 2:
+            return None
+        return lambda z: TiedDiagonalNet(self.plus * jnp.exp(-2 * z), self.minus * jnp.exp(2 * z), 2)
 
     def invariants(self):
         # w₊w₋ (D = 2) and w₊^{2−D} + w₋^{2−D} (D ≥ 3) are conserved (math.md §1.2, §1.5).

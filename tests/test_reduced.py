@@ -1,0 +1,154 @@
+"""The reduced mode: the same gradient flow in the N coordinates `a` of `z = ∫∇_w̃L = Xᵀa`.
+
+Independent facts checked: the flow maps solve the parameter ODE (their z-derivative is the
+ODE's right-hand side), the reduced trajectory equals the pure parameter-space trajectory at
+the same times, the closed-form linear trajectory, the dual-Newton limit, and the modes'
+errors and statuses.
+"""
+
+import diffrax as dfx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import ibflow as ib
+from helpers import CATALOGUE, RTOL_LIMIT, problem, rel
+
+REDUCIBLE = ["linear", "diag-thm4.1", "diag-shape0.7", "diag-per-coordinate", "diag-biased", "tied-D2"]
+NOT_REDUCIBLE = ["diag-depth3", "tied-D3", "fc-neuron", "leaky-relu"]
+
+
+def test_reducible_catalogue():
+    for name in REDUCIBLE:
+        assert ib.reducible(CATALOGUE[name](), ib.SquareLoss())
+    for name in NOT_REDUCIBLE:
+        assert not ib.reducible(CATALOGUE[name](), ib.SquareLoss())
+    net = CATALOGUE["diag-thm4.1"]()
+    assert not ib.reducible(net, ib.ExponentialLoss())
+    assert not ib.reducible(net, ib.SquareLoss(), warp=lambda n: 1.0)
+
+
+@pytest.mark.parametrize("name", REDUCIBLE)
+def test_flow_map_solves_the_parameter_ode(name):
+    """θ(t) = Φ(z(t)) with ż = g solves θ̇ = −∇_θL = −J_w̃ᵀg: for any z and direction v,
+    d/dε Φ(z + εv) = −J_w̃(Φ(z))ᵀv. Also Φ(0) = θ(0) and dw̃/dz = −k (the predictor kernel)."""
+    net = CATALOGUE[name]()
+    phi = net.flow_map()
+    rng = np.random.default_rng(0)
+    z = jnp.asarray(0.7 * rng.standard_normal(net.dim))
+    v = jnp.asarray(rng.standard_normal(net.dim))
+    leaves = lambda n: jnp.concatenate([jnp.ravel(a) for a in jax.tree_util.tree_leaves(n)])
+    np.testing.assert_allclose(leaves(phi(jnp.zeros(net.dim))), leaves(net), rtol=1e-15, atol=1e-15)
+    _, dphi = jax.jvp(lambda z: leaves(phi(z)), (z,), (v,))
+    at = phi(z)
+    _, vjp = jax.vjp(lambda n: n.predictor(), at)
+    rhs = -leaves(vjp(v)[0])
+    np.testing.assert_allclose(dphi, rhs, rtol=1e-12, atol=1e-12)
+    _, dw = jax.jvp(lambda z: phi(z).predictor(), (z,), (v,))
+    np.testing.assert_allclose(dw, -at.predictor_kernel_diagonal() * v, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", REDUCIBLE)
+def test_reduced_trajectory_equals_pure_trajectory(name):
+    """A second method: the parameter-space solve, at the same times, to the tolerances."""
+    X, y = problem()
+    net = CATALOGUE[name]()
+    ts = jnp.array([0.05, 0.5, 2.0, 8.0])
+    pure = ib.gradient_flow(net, X, y, mode="pure", save_ts=ts)
+    red = ib.gradient_flow(net, X, y, mode="reduced", save_ts=ts)
+    assert pure.status == red.status == "converged"
+    for wp, wr, lp, lr in zip(pure.trajectory_predictor, red.trajectory_predictor, pure.trajectory_loss,
+                              red.trajectory_loss):
+        if np.all(np.isfinite(wp)) and np.all(np.isfinite(wr)):
+            assert rel(wr, wp) < 1e-8
+            # the loss is quadratic in a small residual: compare on the scale of the initial loss
+            assert abs(float(lr) - float(lp)) <= 1e-8 * float(pure.loss0)
+    assert rel(red.predictor, pure.predictor) < RTOL_LIMIT
+    assert red.loss <= red.loss_target
+    assert red.end_jump < 1e-9 and pure.end_jump == 0
+
+
+def test_reduced_linear_closed_form_trajectory():
+    from scipy.linalg import expm
+
+    X, y = problem(seed=3)
+    net = ib.linear_init(0.5, X.shape[1], key=jax.random.PRNGKey(0))
+    ts = jnp.array([0.1, 1.0, 5.0, 20.0])
+    sol = ib.gradient_flow(net, X, y, mode="reduced", save_ts=ts)
+    w0, A = np.asarray(net.w), X @ X.T
+    for t, w in zip(np.asarray(ts), np.asarray(sol.trajectory_predictor)):
+        exact = w0 + X.T @ np.linalg.solve(A, (np.eye(len(y)) - expm(-A * t / len(y))) @ (y - X @ w0))
+        assert rel(w, exact) < 1e-9
+
+
+@pytest.mark.parametrize("alpha,shape", [(1e-4, 0.0), (1e-2, 0.9), (0.5, -0.5)])
+def test_reduced_limit_is_the_dual_newton_minimiser(alpha, shape):
+    """Small α (long plateau, stiff tail) to large α, on an N = 20, d = 60 problem."""
+    rng = np.random.default_rng(7)
+    X = rng.standard_normal((20, 60))
+    y = X[:, :3].sum(1) + 0.1 * rng.standard_normal(20)
+    net = ib.diagonal_init(alpha, shape, 60)
+    sol = ib.gradient_flow(net, X, y)
+    ref = ib.dual_newton(ib.implicit_potential(net), X, y)
+    assert sol.status == "converged" and sol.loss <= sol.loss_target
+    assert rel(sol.predictor, ref.w) < 1e-10
+    assert sol.end_jump < 1e-9
+
+
+def test_auto_mode_is_reduced_only_where_it_applies():
+    X, y = problem()
+    net = CATALOGUE["diag-shape0.7"]()
+    auto, red = ib.gradient_flow(net, X, y), ib.gradient_flow(net, X, y, mode="reduced")
+    assert int(auto.num_steps) == int(red.num_steps) and rel(auto.predictor, red.predictor) == 0
+    fc = CATALOGUE["fc-neuron"]()
+    a, p = ib.gradient_flow(fc, X, y), ib.gradient_flow(fc, X, y, mode="pure")
+    assert int(a.num_steps) == int(p.num_steps)
+
+
+def test_mode_errors():
+    X, y = problem()
+    with pytest.raises(ValueError, match="closed-form flow map"):
+        ib.gradient_flow(CATALOGUE["fc-neuron"](), X, y, mode="reduced")
+    with pytest.raises(ValueError, match="closed-form flow map"):
+        ib.gradient_flow(CATALOGUE["diag-depth3"](), X, y, mode="reduced")
+    with pytest.raises(ValueError, match="mode must be"):
+        ib.gradient_flow(CATALOGUE["linear"](), X, y, mode="fast")
+
+
+def test_reduced_failure_statuses():
+    """No end-game without convergence: a step budget or a time horizon that ends the solve
+    early is reported, and the state is left where the integration stopped."""
+    X, y = problem()
+    net = CATALOGUE["diag-thm4.1"]()
+    a = ib.gradient_flow(net, X, y, mode="reduced", max_steps=3, throw=False)
+    assert a.status == "max_steps" and float(a.end_jump) == 0 and a.loss > a.loss_target
+    b = ib.gradient_flow(net, X, y, mode="reduced", t_max=0.1, throw=False)
+    assert b.status == "not_converged" and float(b.end_jump) == 0
+    with pytest.raises(Exception):
+        ib.gradient_flow(net, X, y, mode="reduced", max_steps=3)
+
+
+def test_reduced_jit_vmap_and_no_recompile():
+    X, y = problem()
+    alphas = jnp.array([0.05, 0.3, 1.0])
+    shapes = jnp.array([0.0, 0.5, -0.3])
+    solve = lambda a, s: ib.gradient_flow(ib.diagonal_init(a, s, X.shape[1]), X, y, mode="reduced",
+                                          throw=False).predictor
+    batched = jax.jit(jax.vmap(solve))
+    W = batched(alphas, shapes)
+    for i in range(3):
+        assert rel(W[i], solve(alphas[i], shapes[i])) < 1e-9
+    batched(alphas * 1.1, shapes)
+    assert batched._cache_size() == 1
+
+
+def test_kvaerno_in_reduced_coordinates_agrees():
+    """diffrax's own implicit solver (dense Jacobian of the N-dimensional field) on the reduced
+    flow reaches the same limit as the default solver on the pure flow."""
+    X, y = problem()
+    net = CATALOGUE["diag-biased"]()
+    a = ib.gradient_flow(net, X, y, mode="pure")
+    b = ib.gradient_flow(net, X, y, mode="reduced", solver=dfx.Kvaerno5(), max_steps=100_000)
+    assert b.status == "converged"
+    assert rel(b.predictor, a.predictor) < 1e-8
