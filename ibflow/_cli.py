@@ -32,9 +32,20 @@ def _fail(msg, code=2):
     return code
 
 
-def _add_flow_options(p):
-    p.add_argument("--rtol", type=float, default=1e-10, help="solver relative tolerance")
-    p.add_argument("--atol", type=float, default=1e-12, help="solver absolute tolerance")
+def _add_flow_options(p, sweep=False):
+    if sweep:
+        p.add_argument("--rtol", type=float, default=None,
+                       help="solver relative tolerance (default 1e-10; 1e-8 in reduced mode, whose limits do not "
+                            "depend on path errors)")
+        p.add_argument("--atol", type=float, default=None, help="solver absolute tolerance (default 1e-12; 1e-10 "
+                                                                 "in reduced mode)")
+    else:
+        p.add_argument("--rtol", type=float, default=1e-10, help="solver relative tolerance")
+        p.add_argument("--atol", type=float, default=1e-12, help="solver absolute tolerance")
+    p.add_argument("--mode", choices=("auto", "pure", "reduced"), default="auto",
+                   help="pure: integrate the parameter ODE; reduced: the same flow in N coordinates where the network "
+                        "has a closed-form flow map (two-layer diagonal, tied depth 2, linear); auto (default): "
+                        "reduced where it applies")
     p.add_argument("--loss-rtol", type=float, default=1e-24,
                    help="stop when loss <= loss_rtol * initial loss (default 1e-24)")
     p.add_argument("--max-steps", type=int, default=None,
@@ -90,7 +101,7 @@ def build_parser():
     sw.add_argument("--chunk-size", type=int, default=None)
     sw.add_argument("--out", required=True, help="output directory")
     sw.add_argument("--no-progress", action="store_true")
-    _add_flow_options(sw)
+    _add_flow_options(sw, sweep=True)
 
     fig = sub.add_parser("figure", help="reproduce a paper figure (PNG + PDF + dataset)")
     fig.add_argument("name", choices=["fig7.1", "fig7.2", "woodworth", "moroshko", "step-size"])
@@ -156,7 +167,8 @@ def _add_regression_fields(out, args, data, net, w):
 def cmd_run(args) -> int:
     import jax
 
-    from ._flow import gradient_flow
+    from ._flow import gradient_flow, reducible
+    from ._losses import SquareLoss
 
     data = load_data(args.data)
     X, y = data["X"], data["y"]
@@ -170,7 +182,7 @@ def cmd_run(args) -> int:
     if args.loss != "square":
         return _run_margin(args, data, net0)
     t0 = time.perf_counter()
-    sol = gradient_flow(net0, X, y, rtol=args.rtol, atol=args.atol, loss_rtol=args.loss_rtol,
+    sol = gradient_flow(net0, X, y, rtol=args.rtol, atol=args.atol, loss_rtol=args.loss_rtol, mode=args.mode,
                         max_steps=args.max_steps, throw=False)
     jax.block_until_ready(sol.predictor)
     wall = time.perf_counter() - t0
@@ -186,6 +198,8 @@ def cmd_run(args) -> int:
         num_rejected_steps=int(sol.num_rejected_steps),
         num_fevals=int(sol.num_fevals) if np.isfinite(sol.num_fevals) else None,
         invariant_drift=float(sol.invariant_drift),
+        mode="reduced" if reducible(net0, SquareLoss()) and args.mode != "pure" else "pure",
+        end_jump=float(sol.end_jump),
         status=sol.status,
         wall_seconds=wall,
     )
@@ -224,7 +238,8 @@ def _run_optimizer(args, data, net0) -> int:
         raise InputError("--sharpness-every must be >= 1")
     # The gradient-flow limit from the same initialisation: the reference for the
     # step-size bias and for the stability check (is its sharpness above 2/eta?).
-    flow = gradient_flow(net0, X, y, rtol=args.rtol, atol=args.atol, loss_rtol=args.loss_rtol, throw=False)
+    flow = gradient_flow(net0, X, y, rtol=args.rtol, atol=args.atol, loss_rtol=args.loss_rtol, mode=args.mode,
+                         throw=False)
     flow_ok = flow.status == "converged"
     flow_sharp = float(sharpness(flow.network, X, y)) if flow_ok else None
     t0 = time.perf_counter()
@@ -421,7 +436,8 @@ def cmd_sweep(args) -> int:
                    depth=args.depth or 2, width=args.width, slope=args.slope, X_test=data.get("X_test"),
                    y_test=data.get("y_test"), w_star=data.get("w_star"), certify=args.certify, out=args.out,
                    chunk_size=args.chunk_size, progress=not args.no_progress,
-                   flow_kwargs=dict(rtol=args.rtol, atol=args.atol, loss_rtol=args.loss_rtol,
+                   flow_kwargs=dict(loss_rtol=args.loss_rtol, mode=args.mode,
+                                    **{k: v for k, v in (("rtol", args.rtol), ("atol", args.atol)) if v is not None},
                                     max_steps=args.max_steps if args.optimizer is None or args.max_steps_given
                                     else 20_000),
                    optimizer=args.optimizer, step_sizes=step_sizes, train_kwargs=train_kwargs)
