@@ -48,15 +48,6 @@ from ._losses import (
     LogisticLoss as LogisticLoss,
     SquareLoss as SquareLoss,
 )
-from ._margin import (
-    MarginCertificate as MarginCertificate,
-    NotSeparableError as NotSeparableError,
-    certify_margin as certify_margin,
-    check_separable as check_separable,
-    margin_geometry as margin_geometry,
-    max_margin as max_margin,
-    svm_l2 as svm_l2,
-)
 from ._networks import (
     AbstractNetwork as AbstractNetwork,
     ConvNet as ConvNet,
@@ -84,14 +75,6 @@ from ._potentials import (
 from ._reference import ReferenceSolution as ReferenceSolution, dual_newton as dual_newton, min_l1 as min_l1, min_l2 as min_l2
 from ._results import RESULTS as RESULTS, status_word as status_word, status_words as status_words
 from ._sweep import sweep as sweep
-from ._train import (
-    TrainSolution as TrainSolution,
-    lanczos_top_eigenvalue as lanczos_top_eigenvalue,
-    make_optimizer as make_optimizer,
-    sharpness as sharpness,
-    stability_bound as stability_bound,
-    train as train,
-)
 from ._structure import (
     hessian_map_violation as hessian_map_violation,
     predictor_metric as predictor_metric,
@@ -99,4 +82,39 @@ from ._structure import (
 )
 from ._solver import LinearlyImplicitExtrapolation as LinearlyImplicitExtrapolation
 
+from ._flow import ReducedFlowProblem as ReducedFlowProblem, reducible as reducible
+
 __version__ = "0.1.0"
+
+# Imported on first use (PEP 562): the margin certificates (Clarabel, SciPy's optimisers) and the
+# discrete optimisers (optax) cost ~0.45 s of start-up that `ibflow sweep` and `run` do not need.
+_LAZY = {
+    'MarginCertificate': "._margin",
+    'NotSeparableError': "._margin",
+    'certify_margin': "._margin",
+    'check_separable': "._margin",
+    'margin_geometry': "._margin",
+    'max_margin': "._margin",
+    'svm_l2': "._margin",
+    'TrainSolution': "._train",
+    'lanczos_top_eigenvalue': "._train",
+    'make_optimizer': "._train",
+    'sharpness': "._train",
+    'stability_bound': "._train",
+    'train': "._train",
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))
+
