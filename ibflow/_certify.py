@@ -59,18 +59,19 @@ def implicit_potential(net: AbstractNetwork) -> AbstractPotential | NotCovered:
         return LinearL2(net.w)
     if isinstance(net, DiagonalNet):
         if net.depth == 2:
-            up, vp = net.plus
-            um, vm = net.minus
+            # In NumPy on the concrete initial values: eager jnp ops here compiled ~10 tiny XLA
+            # programs (~0.6 s) on the first certificate of every process.
+            (up, vp), (um, vm) = np.asarray(net.plus), np.asarray(net.minus)
             Nn = up**2 + vp**2 + um**2 + vm**2
             w0 = up * vp - um * vm
-            kappa = 0.5 * jnp.sqrt(jnp.maximum(Nn**2 - 4 * w0**2, 0.0))
-            if bool(jnp.any(kappa <= tiny * jnp.maximum(Nn, 1e-300))):
-                i = int(jnp.argmin(kappa / jnp.maximum(Nn, 1e-300)))
+            kappa = 0.5 * np.sqrt(np.maximum(Nn**2 - 4 * w0**2, 0.0))
+            if np.any(kappa <= tiny * np.maximum(Nn, 1e-300)):
+                i = int(np.argmin(kappa / np.maximum(Nn, 1e-300)))
                 return NotCovered(
                     f"kappa_{i} = 0 (one exponential branch absent): the potential is entropy-like "
                     "and w_i cannot change sign (math.md §2.3); not covered"
                 )
-            return UntiedDiagonal(kappa, jnp.arctanh(2 * w0 / Nn))
+            return UntiedDiagonal(jnp.asarray(kappa), jnp.asarray(np.arctanh(2 * w0 / Nn)))
         return DeepDiagonal(net.plus, net.minus)
     if isinstance(net, TiedDiagonalNet):
         if net.depth >= 3 and bool(jnp.any((net.plus <= 0) | (net.minus <= 0))):
@@ -240,11 +241,21 @@ def certify(solution, X, y, *, initial: AbstractNetwork, potential=None, toleran
                     bool(refsol.converged), drift, tol)
 
 
-def _stationarity(grads, X):
+def stationarity_projector(X):
+    """`pinv(Xᵀ)` (N×d) with lstsq's rank cut-off: `ν = pinv(Xᵀ) g` is the least-squares
+    multiplier of `g = Xᵀν` at any rank of X. One SVD, reusable for every chunk of a sweep."""
+    X = np.asarray(X, dtype=float)
+    return np.linalg.pinv(X.T, rcond=np.finfo(float).eps * max(X.shape))
+
+
+def _stationarity(grads, X, projector=None):
     """For each row g of `grads` (B, d): the least-squares multiplier ν of `g = Xᵀν` and the
-    relative residual `‖g − Xᵀν‖/‖g‖` (0 where g = 0), all rows in one lstsq call (exact
-    projection on range(Xᵀ) at any rank of X)."""
-    nus = np.linalg.lstsq(X.T, grads.T, rcond=None)[0].T
+    relative residual `‖g − Xᵀν‖/‖g‖` (0 where g = 0), all rows at once (exact projection on
+    range(Xᵀ) at any rank of X), through `projector = stationarity_projector(X)` if given."""
+    if projector is None:
+        nus = np.linalg.lstsq(X.T, grads.T, rcond=None)[0].T
+    else:
+        nus = grads @ projector.T
     gnorm = np.linalg.norm(grads, axis=1)
     resid = np.linalg.norm(grads - nus @ X, axis=1)
     return nus, np.where(gnorm > 0, resid / np.where(gnorm > 0, gnorm, 1.0), 0.0)
@@ -289,8 +300,8 @@ def _mirror_batch(pots, W, y):
     return jax.vmap(lambda p, w: (p.mirror(w), p.transform_labels(y)))(pots, W)
 
 
-def certify_batch(predictors, statuses, drifts, initials, X, y, *, tolerances: dict | None = None
-                  ) -> list[Certificate]:
+def certify_batch(predictors, statuses, drifts, initials, X, y, *, tolerances: dict | None = None,
+                  projector=None) -> list[Certificate]:
     """`certify` for many flows on the same data at once (what `sweep` uses): the same
     certificate, field for field, as `certify(solution_b, X, y, initial=initials[b])`.
 
@@ -301,7 +312,8 @@ def certify_batch(predictors, statuses, drifts, initials, X, y, *, tolerances: d
     (`_stationarity`, shared with `certify`), and the dual-Newton reference of each point; anything else
     (no theorem; potentials with non-array fields) goes through `certify` one by one.
     Orthogonally decomposable TensorNets, certified in their transformed space from the
-    final network, need `certify`.
+    final network, need `certify`. `projector`: `stationarity_projector(X)`, when the caller
+    certifies many batches on the same X (a sweep), saves one SVD per batch.
     """
     tol = dict(DEFAULT_TOLERANCES, **(tolerances or {}))
     X = np.asarray(X, dtype=float)
@@ -323,7 +335,7 @@ def certify_batch(predictors, statuses, drifts, initials, X, y, *, tolerances: d
     for idx in groups.values():
         stacked = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *[pots[b] for b in idx])
         grads, yts = (np.asarray(a) for a in _mirror_batch(stacked, jnp.asarray(W[idx]), jnp.asarray(y)))
-        nus, kkts = _stationarity(grads, X)
+        nus, kkts = _stationarity(grads, X, projector)
         for i, b in enumerate(idx):
             refsol = dual_newton(pots[b], X, yts[i])
             certs[b] = _verdict(pots[b].name, pots[b].source, statuses[b], W[b], X, yts[i], float(kkts[i]), nus[i],

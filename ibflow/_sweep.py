@@ -14,7 +14,8 @@
 - The result is an `xarray.Dataset` with coordinates `alpha`, `shape`, `seed` (and
   `step_size` for optimiser sweeps) and
   variables `predictor (alpha, shape, seed, dim)`, `train_loss`, `status`,
-  `num_steps`, `seconds` (the chunk's wall time shared equally among its points),
+  `num_steps`, `seconds` (the chunk's wall time, from the end of the previous chunk, shared
+  equally among its points; the next chunk solves while one is certified and written),
   `t_end`, `invariant_drift`, and when available `test_error`, `population_error`
   and, with `certify=True`, the certificate fields. Failed points are kept and marked.
 """
@@ -200,19 +201,36 @@ def sweep(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(grid), initial=len(grid) - len(todo), unit="pt", desc=f"sweep {net}")
-    for c0 in range(0, len(todo), chunk_size):
+    def dispatch(c0):
         pts = todo[c0:c0 + chunk_size]
         pad = pts + [pts[-1]] * (chunk_size - len(pts))
         a = jax.device_put(jnp.asarray([alphas[p[0]] for p in pad]), sharding)
         s = jax.device_put(jnp.asarray([shapes[p[1]] for p in pad]), sharding)
         k = jax.device_put(jnp.asarray([seeds[p[2]] for p in pad]), sharding)
         e = jax.device_put(jnp.asarray([etas[p[3]] for p in pad]), sharding)
-        t0 = time.perf_counter()
-        pred, loss, steps, t_end, drift, result, nets, nets0, extra = solve_chunk(a, s, k, e)
+        return pts, solve_chunk(a, s, k, e)
+
+    starts = list(range(0, len(todo), chunk_size))
+    t_prev = time.perf_counter()  # a chunk's wall time runs from the previous chunk's end (compile included)
+    projector = None
+    if certify:
+        from ._certify import certify_batch, stationarity_projector
+
+        projector = stationarity_projector(X)  # one SVD of X for every chunk's KKT multipliers
+    pending = dispatch(starts[0]) if starts else None
+    for i in range(len(starts)):
+        pts, (pred, loss, steps, t_end, drift, result, nets, nets0, extra) = pending
         # One host transfer per array (indexing device arrays point by point cost ~0.3 s a grid).
         pred, loss, steps, t_end, drift = (np.asarray(v) for v in (pred, loss, steps, t_end, drift))
         extra = {f: np.asarray(v) for f, v in extra.items()}
         words = status_words(result)
+        nets0 = jax.tree_util.tree_map(lambda x: np.asarray(x) if eqx.is_array(x) else x, nets0)
+        if X_test is not None:
+            nets = jax.tree_util.tree_map(lambda x: np.asarray(x) if eqx.is_array(x) else x, nets)
+        # The next chunk is dispatched (asynchronously) before this one is certified and
+        # written, so its solve runs while this thread does the host work.
+        if i + 1 < len(starts):
+            pending = dispatch(starts[i + 1])
         rows = []
         for b, p in enumerate(pts):
             rows.append(dict(predictor=pred[b], train_loss=float(loss[b]), num_steps=int(steps[b]),
@@ -226,16 +244,14 @@ def sweep(
                 if w_star is not None:
                     row["population_error"] = float(np.sum((row["predictor"] - np.asarray(w_star)) ** 2))
         if certify:
-            from ._certify import certify_batch
-
-            nets0 = jax.tree_util.tree_map(lambda x: np.asarray(x) if eqx.is_array(x) else x, nets0)
             initials = [jax.tree_util.tree_map(lambda x: x[b] if eqx.is_array(x) else x, nets0)
                         for b in range(len(pts))]
             certs = certify_batch(np.stack([r["predictor"] for r in rows]), [r["status"] for r in rows],
-                                  [r["invariant_drift"] for r in rows], initials, X, y)
+                                  [r["invariant_drift"] for r in rows], initials, X, y, projector=projector)
             for row, cert in zip(rows, certs):
                 row.update({f: getattr(cert, f) for f in CERT_FIELDS})
-        elapsed = time.perf_counter() - t0
+        now = time.perf_counter()
+        elapsed, t_prev = now - t_prev, now
         for row in rows:
             row["seconds"] = elapsed / len(pts)
         for p, row in zip(pts, rows):

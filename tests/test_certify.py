@@ -191,10 +191,14 @@ def test_certify_batch_rank_deficient_data():
     sol = ib.gradient_flow(net, X, y)
     w = np.asarray(sol.predictor)
     off = w + 1e-3 * np.random.default_rng(0).standard_normal(w.shape)
-    certs = ib.certify_batch(np.stack([w, off]), [sol.status] * 2, [float(sol.invariant_drift)] * 2, [net] * 2, X, y)
-    for v, cert in zip((w, off), certs):
-        row = type("Row", (), dict(status=sol.status, invariant_drift=float(sol.invariant_drift), predictor=v))
-        one = ib.certify(row, X, y, initial=net)
-        assert abs(cert.kkt_residual - one.kkt_residual) <= 1e-12 + 1e-9 * one.kkt_residual
-        assert (cert.passed, cert.reason) == (one.passed, one.reason)
-    assert certs[0].kkt_residual <= RTOL_LIMIT and certs[1].kkt_residual > 1e-4
+    from ibflow._certify import stationarity_projector
+
+    for projector in (None, stationarity_projector(X)):  # lstsq per batch, or the sweep's one SVD
+        certs = ib.certify_batch(np.stack([w, off]), [sol.status] * 2, [float(sol.invariant_drift)] * 2, [net] * 2,
+                                 X, y, projector=projector)
+        for v, cert in zip((w, off), certs):
+            row = type("Row", (), dict(status=sol.status, invariant_drift=float(sol.invariant_drift), predictor=v))
+            one = ib.certify(row, X, y, initial=net)
+            assert abs(cert.kkt_residual - one.kkt_residual) <= 1e-12 + 1e-9 * one.kkt_residual
+            assert (cert.passed, cert.reason) == (one.passed, one.reason)
+        assert certs[0].kkt_residual <= RTOL_LIMIT and certs[1].kkt_residual > 1e-4
