@@ -30,8 +30,9 @@ import diffrax as dfx
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-import jax.scipy.linalg
 from jax.flatten_util import ravel_pytree
+
+from ._linalg import cho_solve
 
 
 @eqx.filter_jit
@@ -97,33 +98,14 @@ class LinearlyImplicitExtrapolation(dfx.AbstractAdaptiveSolver):
             return _flat_vector_field(terms, t0, flat, args, y0)
 
         if hasattr(args, "stiff_matrix"):
-            # The state is low-dimensional and `A = −M` is given directly (M symmetric PSD, e.g.
-            # `ReducedFlowProblem`): Cholesky factors of I + hM for the k sub-step sizes, all in
-            # ONE batched call: 0.3 ms per member against eigh's 0.9 ms at N = 100. Separate calls
-            # deadlock XLA:CPU on 2 cores (jax 0.10.2): the thunk executor runs them concurrently,
-            # each LAPACK FFI kernel occupies a pool thread and blocks in `ParallelBatchMap`
-            # waiting for sub-tasks queued on the same, exhausted pool (gdb: both workers in
-            # `lapack_dpotrf_ffi` → `BlockingCounter::Wait`). One call at a time cannot starve it.
-            M = args.stiff_matrix(y0)
-            hs = H / jnp.arange(1, self.order_k + 1, dtype=M.dtype)
-            factors = jax.lax.linalg.cholesky(jnp.eye(M.shape[0], dtype=M.dtype) + hs[:, None, None] * M)
-            index = iter(range(self.order_k))
-
-            def cholesky_solver(h):
-                L = factors[next(index)]  # `_extrapolate` asks for h = H/1, H/2, …, H/k in order
-                return lambda b: jax.scipy.linalg.cho_solve((L, True), b)
-
-            return self._extrapolate(f, flat0, H, cholesky_solver, unravel, y0)
+            return self._step_small(f, flat0, H, args.stiff_matrix(y0), unravel, y0)
         gn = args.gauss_newton(y0)
         K, apply, apply_T = gn[:3]
         decoupled, coupling = gn[3] if len(gn) > 3 else (None, None)
-        # One eigendecomposition of the N×N kernel serves every sub-step size h. (Batched
-        # Cholesky factors of I + hK for all k sizes cost 0.23 ms per member against eigh's
-        # 0.92 ms at N = 100, but inside the vmapped diffrax loop they deadlock XLA:CPU (0 % CPU,
-        # jax 0.10.2, batches >= 3 at N = 100; also with EQX_ON_ERROR=nan and without
-        # multi-threaded Eigen), though the same ops in a bare vmapped while_loop run; eigh
-        # does not. Batching the k chains' products in rounds was measured slower: vmapped
-        # data products with two batch axes run below XLA:CPU's plain GEMM speed.)
+        # One eigendecomposition of the N×N kernel serves every sub-step size h: one LAPACK call
+        # per step. (Cholesky factors of I + hK per h deadlocked XLA:CPU, concurrent batched
+        # LAPACK calls, see `_linalg`; batching the k chains' products in rounds was measured
+        # slower: vmapped data products with two batch axes run below XLA:CPU's GEMM speed.)
         lam, Q = jnp.linalg.eigh(K)
         lam = jnp.maximum(lam, 0.0)
 
@@ -142,6 +124,28 @@ class LinearlyImplicitExtrapolation(dfx.AbstractAdaptiveSolver):
 
         return self._extrapolate(f, flat0, H, solver_for, unravel, y0)
 
+    def _step_small(self, f, flat0, H, M, unravel, y0):
+        """A step for a small state with `A = −M` given (M symmetric PSD, e.g. `ReducedFlowProblem`).
+
+        Cholesky factors of `I + hM` for all k sub-step sizes come from one batched call, and
+        every sub-step solve goes through `_linalg.cho_solve`, whose triangular solves run
+        inline at any vmap batch: a step never has two LAPACK calls that wait on XLA:CPU's
+        thread pool at once (concurrent ones deadlock it, see `_linalg`). Measured on the
+        Fig. 7.1 grid (2 cores, N = 100): 0.3 ms per member-step for the k factors against eigh's
+        0.9 ms; CLI 12.2 s with this against 20.0 s with eigh (rtol 1e-8). Separate factor calls
+        per h, or independent chains' plain `cho_solve` at 25 points, deadlocked.
+        """
+        k = self.order_k
+        hs = H / jnp.arange(1, k + 1, dtype=M.dtype)
+        factors = jax.lax.linalg.cholesky(jnp.eye(M.shape[0], dtype=M.dtype) + hs[:, None, None] * M)
+        index = iter(range(k))
+
+        def solver_for(h):
+            L = factors[next(index)]  # `_extrapolate` asks for h = H/1, H/2, …, H/k in order
+            return lambda b: cho_solve(L, b)
+
+        return self._extrapolate(f, flat0, H, solver_for, unravel, y0)
+
     def _extrapolate(self, f, flat0, H, solver_for, unravel, y0):
         f0 = f(flat0)
         seq = tuple(range(1, self.order_k + 1))
@@ -155,6 +159,11 @@ class LinearlyImplicitExtrapolation(dfx.AbstractAdaptiveSolver):
             for _ in range(n - 1):
                 y = y + solve(h * f(y))
             rows.append([y])
+        return self._extrapolate_rows(rows, unravel, y0)
+
+    def _extrapolate_rows(self, rows, unravel, y0):
+        """Aitken–Neville on the k chains' end points `rows[j][0]` (step-number sequence 1…k)."""
+        seq = tuple(range(1, self.order_k + 1))
         for j in range(1, len(seq)):
             for l in range(j):
                 prev, cur = rows[j - 1][l], rows[j][l]

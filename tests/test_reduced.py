@@ -152,3 +152,23 @@ def test_kvaerno_in_reduced_coordinates_agrees():
     b = ib.gradient_flow(net, X, y, mode="reduced", solver=dfx.Kvaerno5(), max_steps=100_000)
     assert b.status == "converged"
     assert rel(b.predictor, a.predictor) < 1e-8
+
+
+@pytest.mark.parametrize("shape", [(), (5,), (1200,), (3, 600)])
+def test_deadlock_safe_cho_solve(shape):
+    """`_linalg.cho_solve` against NumPy's dense solve, unbatched, below and above the inline
+    batch limit (walked in pieces) and under nested vmap."""
+    from ibflow._linalg import _inline_batch, cho_solve
+
+    n = 20
+    assert _inline_batch(n) == 499
+    rng = np.random.default_rng(1)
+    A = rng.standard_normal(shape + (n, n))
+    M = A @ np.swapaxes(A, -1, -2) + n * np.eye(n)
+    b = rng.standard_normal(shape + (n,))
+    L = np.linalg.cholesky(M)
+    fn = cho_solve
+    for _ in shape:
+        fn = jax.vmap(fn)
+    x = np.asarray(jax.jit(fn)(jnp.asarray(L), jnp.asarray(b)))
+    np.testing.assert_allclose(x, np.linalg.solve(M, b[..., None])[..., 0], rtol=1e-10, atol=1e-12)
