@@ -181,6 +181,9 @@ def cmd_run(args) -> int:
         raise InputError("--step-size/--batch-size need --optimizer")
     if args.loss != "square":
         return _run_margin(args, data, net0)
+    if args.mode == "reduced" and not reducible(net0, SquareLoss()):
+        raise InputError(f"--mode reduced needs a closed-form flow map (two-layer diagonal, tied depth 2, linear), "
+                         f"not --net {args.net} at this depth")
     t0 = time.perf_counter()
     sol = gradient_flow(net0, X, y, rtol=args.rtol, atol=args.atol, loss_rtol=args.loss_rtol, mode=args.mode,
                         max_steps=args.max_steps, throw=False)

@@ -87,6 +87,25 @@ def test_run_certify(files, tmp_path):
     assert rc == 0 and not r["certificate"]["passed"]
 
 
+def test_run_mode_pure_and_reduced_agree(files, tmp_path):
+    """`--mode`: the JSON names the coordinates used, and both reach the same certified limit."""
+    p, _ = files
+    base = ["run", "--data", str(p / "d.npz"), "--net", "diagonal", "--alpha", "0.05", "--shape", "0.3", "--certify"]
+    out = {}
+    for mode in ("auto", "pure", "reduced"):
+        rc, r = _run(base + ["--mode", mode], tmp_path)
+        assert rc == 0 and r["certificate"]["passed"]
+        out[mode] = r
+    assert out["auto"]["mode"] == out["reduced"]["mode"] == "reduced" and out["pure"]["mode"] == "pure"
+    assert out["pure"]["end_jump"] == 0 and out["reduced"]["end_jump"] < 1e-9
+    a, b = np.asarray(out["pure"]["predictor"]), np.asarray(out["reduced"]["predictor"])
+    assert np.linalg.norm(a - b) <= 1e-8 * np.linalg.norm(a)
+    (tmp_path / "bad").mkdir()
+    rc, r = _run(["run", "--data", str(p / "d.npz"), "--net", "fc", "--alpha", "0.5", "--shape", "0.2",
+                  "--mode", "reduced"], tmp_path / "bad")
+    assert rc == 2 and r is None
+
+
 def test_run_certify_not_applicable(files, tmp_path, capsys):
     p, _ = files
     rc, r = _run(["run", "--data", str(p / "d.npz"), "--net", "fc", "--alpha", "0.5", "--shape", "-0.5",
