@@ -139,7 +139,8 @@ def sweep(
     if optimizer is None and "rtol" not in flow_kwargs and "atol" not in flow_kwargs:
         probe = init_by_name(net, d, float(alphas[0]), float(shapes[0]), depth=depth, width=width, slope=slope,
                              key=jax.random.PRNGKey(0))
-        if flow_kwargs.get("mode", "auto") != "pure" and reducible(probe, flow_kwargs.get("loss", SquareLoss())):
+        loss = flow_kwargs.get("loss", SquareLoss())
+        if flow_kwargs.get("mode", "auto") != "pure" and reducible(probe, loss, flow_kwargs.get("warp")):
             # A sweep keeps only limits. In reduced coordinates the flow is the gradient ascent of a
             # strictly concave function (`ReducedFlowProblem.kernel_jump`), so every path converges
             # to the same limit and path errors are forgotten: the limit's accuracy is set by the

@@ -116,3 +116,22 @@ def test_sharded_over_four_host_devices(data, tmp_path):
     # (~1e-10 relative in norm) of the limit, so they agree to that, not bit for bit.
     w4, w1 = np.array(res["w"]), single["predictor"].values
     assert np.max(np.linalg.norm(w4 - w1, axis=-1) / np.linalg.norm(w1, axis=-1)) < 1e-9
+
+
+def test_reduced_and_pure_sweeps_agree(data):
+    """The default (reduced coordinates, rtol 1e-8 for limits) and the pure parameter ODE give
+    the same limits, both certified, and the reduced sweep's limits match dual Newton."""
+    p, D = data
+    alphas, shapes = [1e-4, 0.02, 0.7], [0.0, 0.9]
+    fast = ib.sweep(D["X"], D["y"], alphas=alphas, shapes=shapes, certify=True, progress=False)
+    pure = ib.sweep(D["X"], D["y"], alphas=alphas, shapes=shapes, certify=True, progress=False,
+                    flow_kwargs=dict(mode="pure"))
+    assert fast["passed"].values.all() and pure["passed"].values.all()
+    assert json.loads(fast.attrs["config"])["flow_kwargs"]["rtol"] == "1e-08"
+    assert "rtol" not in json.loads(pure.attrs["config"])["flow_kwargs"]
+    for i, a in enumerate(alphas):
+        for j, s in enumerate(shapes):
+            wf, wp = fast["predictor"].values[i, j, 0], pure["predictor"].values[i, j, 0]
+            assert np.linalg.norm(wf - wp) <= 1e-8 * np.linalg.norm(wp)
+            ref = ib.dual_newton(ib.implicit_potential(ib.diagonal_init(a, s, D["X"].shape[1])), D["X"], D["y"]).w
+            assert np.linalg.norm(wf - ref) <= 1e-10 * np.linalg.norm(ref)
