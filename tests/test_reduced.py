@@ -49,7 +49,12 @@ def test_flow_map_solves_the_parameter_ode(name):
     np.testing.assert_allclose(dw, -at.predictor_kernel_diagonal() * v, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("name", REDUCIBLE)
+# Three cases by default (biased diagonal, tied, linear); the rest with -m slow (suite time).
+TRAJECTORY_CASES = [n if n in ("diag-biased", "tied-D2", "linear") else pytest.param(n, marks=pytest.mark.slow)
+                    for n in REDUCIBLE]
+
+
+@pytest.mark.parametrize("name", TRAJECTORY_CASES)
 def test_reduced_trajectory_equals_pure_trajectory(name):
     """A second method: the parameter-space solve, at the same times, to the tolerances."""
     X, y = problem()
@@ -82,7 +87,7 @@ def test_reduced_linear_closed_form_trajectory():
         assert rel(w, exact) < 1e-9
 
 
-@pytest.mark.parametrize("alpha,shape", [(1e-4, 0.0), (1e-2, 0.9), (0.5, -0.5)])
+@pytest.mark.parametrize("alpha,shape", [(1e-4, 0.0), pytest.param(1e-2, 0.9, marks=pytest.mark.slow), (0.5, -0.5)])
 def test_reduced_limit_is_the_dual_newton_minimiser(alpha, shape):
     """Small α (long plateau, stiff tail) to large α, on an N = 20, d = 60 problem."""
     rng = np.random.default_rng(7)
@@ -143,6 +148,7 @@ def test_reduced_jit_vmap_and_no_recompile():
     assert batched._cache_size() == 1
 
 
+@pytest.mark.slow
 def test_kvaerno_in_reduced_coordinates_agrees():
     """diffrax's own implicit solver (dense Jacobian of the N-dimensional field) on the reduced
     flow reaches the same limit as the default solver on the pure flow."""
