@@ -89,19 +89,19 @@ __version__ = "0.1.0"
 # Imported on first use (PEP 562): the margin certificates (Clarabel, SciPy's optimisers) and the
 # discrete optimisers (optax) cost ~0.45 s of start-up that `ibflow sweep` and `run` do not need.
 _LAZY = {
-    'MarginCertificate': "._margin",
-    'NotSeparableError': "._margin",
-    'certify_margin': "._margin",
-    'check_separable': "._margin",
-    'margin_geometry': "._margin",
-    'max_margin': "._margin",
+    "MarginCertificate": "._margin",
+    "NotSeparableError": "._margin",
+    "certify_margin": "._margin",
+    "check_separable": "._margin",
+    "margin_geometry": "._margin",
+    "max_margin": "._margin",
     'svm_l2': "._margin",
-    'TrainSolution': "._train",
-    'lanczos_top_eigenvalue': "._train",
-    'make_optimizer': "._train",
-    'sharpness': "._train",
-    'stability_bound': "._train",
-    'train': "._train",
+    "TrainSolution": "._train",
+    "lanczos_top_eigenvalue": "._train",
+    "make_optimizer": "._train",
+    "sharpness": "._train",
+    "stability_bound": "._train",
+    "train": "._train",
 }
 
 
