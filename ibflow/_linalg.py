@@ -59,13 +59,9 @@ def _cho_solve_vmap(axis_size, in_batched, L, b):
     piece = _inline_batch(n)
     if axis_size <= piece:
         return _solve_piece(L, b), True
-    pad = -axis_size % piece
-    if pad:
-        L = jnp.concatenate([L, jnp.broadcast_to(jnp.eye(n, dtype=L.dtype), (pad, n, n))])
-        b = jnp.concatenate([b, jnp.zeros((pad, n), b.dtype)])
-    m = (axis_size + pad) // piece
-    out = jax.lax.map(lambda Lb: _solve_piece(*Lb), (L.reshape(m, piece, n, n), b.reshape(m, piece, n)))
-    return out.reshape(m * piece, n)[:axis_size], True
+    # Sequential pieces of at most `piece` solves (lax.map vmaps `cho_solve` over each, which
+    # comes back here with a batch small enough for `_solve_piece`; it handles the remainder).
+    return jax.lax.map(lambda Lb: cho_solve(*Lb), (L, b), batch_size=piece), True
 
 
 def _broadcast(axis_size, in_batched, L, b):
