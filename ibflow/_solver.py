@@ -92,6 +92,10 @@ class LinearlyImplicitExtrapolation(dfx.AbstractAdaptiveSolver):
 
     def step(self, terms, t0, t1, y0, args, solver_state, made_jump):
         del solver_state, made_jump
+        # Jitted, so that the step is traced once: diffrax's loop traces its body four times.
+        return _jitted_step(self, terms, t0, t1, y0, args)
+
+    def _step(self, terms, t0, t1, y0, args):
         H = t1 - t0
         flat0, unravel = ravel_pytree(y0)
 
@@ -171,3 +175,8 @@ class LinearlyImplicitExtrapolation(dfx.AbstractAdaptiveSolver):
 
     def func(self, terms, t0, y0, args):
         return terms.vf(t0, y0, args)
+
+
+@eqx.filter_jit
+def _jitted_step(solver, terms, t0, t1, y0, args):
+    return solver._step(terms, t0, t1, y0, args)
