@@ -35,9 +35,9 @@ def _fail(msg, code=2):
 def _add_flow_options(p, sweep=False):
     if sweep:
         p.add_argument("--rtol", type=float, default=None,
-                       help="solver relative tolerance (default 1e-10; 1e-8 in reduced mode, whose limits do not "
+                       help="solver relative tolerance (default 1e-10; 1e-6 in reduced mode, whose limits do not "
                             "depend on path errors)")
-        p.add_argument("--atol", type=float, default=None, help="solver absolute tolerance (default 1e-12; 1e-10 "
+        p.add_argument("--atol", type=float, default=None, help="solver absolute tolerance (default 1e-12; 1e-8 "
                                                                  "in reduced mode)")
     else:
         p.add_argument("--rtol", type=float, default=1e-10, help="solver relative tolerance")
@@ -411,6 +411,26 @@ def _parse_list(text, name, conv=float):
         raise InputError(f"--{name} must be a comma-separated list, got {text!r}") from None
 
 
+def _preload_figure_modules():
+    """Import matplotlib (~0.7 s) on a background thread. Started once the sweep's first chunk
+    is compiled and dispatched: from then on the main thread mostly waits on XLA with the GIL
+    released, so the figure's import is ready for free (during tracing it would compete for
+    the GIL). A failure is ignored here; `plot_sweep` imports again and reports it."""
+    import threading
+
+    def run():
+        try:
+            from ._figures import _plt
+
+            _plt()
+        except Exception:  # noqa: BLE001
+            pass
+
+    thread = threading.Thread(target=run, name="ibflow-preload", daemon=True)
+    thread.start()
+    return thread
+
+
 def cmd_sweep(args) -> int:
     import os
 
@@ -434,6 +454,12 @@ def cmd_sweep(args) -> int:
             train_kwargs["max_steps"] = args.max_steps
     elif args.step_size is not None:
         raise InputError("--step-size needs --optimizer")
+    preload = []  # the figure's imports, started once the first chunk is running
+
+    def on_dispatch():
+        if not preload:
+            preload.append(_preload_figure_modules())
+
     try:
         ds = sweep(data["X"], data["y"], alphas=alphas, shapes=shapes, seeds=seeds, net=args.net,
                    depth=args.depth or 2, width=args.width, slope=args.slope, X_test=data.get("X_test"),
@@ -443,9 +469,12 @@ def cmd_sweep(args) -> int:
                                     **{k: v for k, v in (("rtol", args.rtol), ("atol", args.atol)) if v is not None},
                                     max_steps=args.max_steps if args.optimizer is None or args.max_steps_given
                                     else 20_000),
-                   optimizer=args.optimizer, step_sizes=step_sizes, train_kwargs=train_kwargs)
+                   optimizer=args.optimizer, step_sizes=step_sizes, train_kwargs=train_kwargs,
+                   _on_dispatch=on_dispatch)
     except ValueError as e:
         raise InputError(str(e)) from None
+    for thread in preload:
+        thread.join()
     fig = plot_sweep(ds, os.path.join(args.out, "sweep.png"))
     status = ds["status"].values.ravel()
     msg = f"{int((status == 'converged').sum())}/{status.size} points converged"
