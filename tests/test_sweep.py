@@ -135,3 +135,14 @@ def test_reduced_and_pure_sweeps_agree(data):
             assert np.linalg.norm(wf - wp) <= 1e-8 * np.linalg.norm(wp)
             ref = ib.dual_newton(ib.implicit_potential(ib.diagonal_init(a, s, D["X"].shape[1])), D["X"], D["y"]).w
             assert np.linalg.norm(wf - ref) <= 1e-10 * np.linalg.norm(ref)
+
+
+@pytest.mark.parametrize("alpha,shape", [(1e-5, 0.0), (0.01, 0.5), (0.3, -0.9), (2.0, 0.99)])
+def test_chunk_order_key_is_half_the_initial_kernel(alpha, shape):
+    """The sweep orders points by `_kernel_scale`, documented as half the initial tangent kernel
+    `u² + v²` of a two-layer diagonal net: check it against the initialisation's magnitudes."""
+    from ibflow._sweep import _kernel_scale
+
+    net = ib.diagonal_init(alpha, shape, 3)
+    u, v = np.asarray(net.plus)
+    np.testing.assert_allclose(_kernel_scale(alpha, shape), (u**2 + v**2) / 2, rtol=1e-12)
