@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 from jaxtyping import Array, Float
 
+from ._checks import checks_enabled, value_check
 from ._losses import AbstractLoss, SquareLoss
 from ._networks import AbstractNetwork
 from ._results import RESULTS, status_word
@@ -159,16 +160,17 @@ def gauss_newton_factor(network, params, X, left):
     return G @ G.T, lambda b: G @ b, lambda z: G.T @ z
 
 
-def check_data(net: AbstractNetwork, X, y):
-    """Trace-time shape checks of (X, y) against `net` and a value check that X is finite;
-    returns them as arrays. Callers check y (finite, or ±1 for classification)."""
+def check_data(net: AbstractNetwork, X, y, checks: bool = True):
+    """Trace-time shape checks of (X, y) against `net` and a value check that X is finite
+    (`checks=False`: a caller that checked it on the host, see `_checks`); returns them as
+    arrays. Callers check y (finite, or ±1 for classification)."""
     X = jnp.asarray(X)
     y = jnp.asarray(y)
     if X.ndim != 2 or y.ndim != 1 or X.shape[0] != y.shape[0]:
         raise ValueError(f"X must be (N, d) and y (N,) with the same N; got {X.shape} and {y.shape}")
     if X.shape[1] != net.dim:
         raise ValueError(f"X has d = {X.shape[1]} columns but the network has input dimension {net.dim}")
-    return eqx.error_if(X, ~jnp.all(jnp.isfinite(X)), "X contains NaN or inf"), y
+    return value_check(X, ~jnp.all(jnp.isfinite(X)), "X contains NaN or inf", checks), y
 
 
 def invariant_drift(net0: AbstractNetwork, net1: AbstractNetwork, scale=None):
@@ -308,7 +310,7 @@ def gradient_flow(
     return _gradient_flow(
         net, X, y, loss, solver, jnp.asarray(rtol, dtype), jnp.asarray(atol, dtype),
         jnp.asarray(loss_rtol, dtype), jnp.asarray(t_max, dtype), None if dt0 is None else jnp.asarray(dt0, dtype),
-        max_steps, save_ts, warp, _check_mode(mode, net, loss, warp), throw,
+        max_steps, save_ts, warp, _check_mode(mode, net, loss, warp), throw, checks_enabled(),
     )
 
 
@@ -327,12 +329,13 @@ def _check_mode(mode, net, loss, warp) -> bool:
 
 @eqx.filter_jit
 def _gradient_flow(net, X, y, loss, solver, rtol, atol, loss_rtol, t_max, dt0, max_steps, save_ts, warp, reduced,
-                   throw):
-    """The jitted body of `gradient_flow` (tolerances arrive as arrays)."""
-    X, y = check_data(net, X, y)
+                   throw, checks):
+    """The jitted body of `gradient_flow` (tolerances arrive as arrays; `checks`: static, False
+    when traced inside `_checks.host_validated()`)."""
+    X, y = check_data(net, X, y, checks)
     if solver is None:
         solver = default_solver()
-    y = eqx.error_if(y, ~jnp.all(jnp.isfinite(y)), "y contains NaN or inf")
+    y = value_check(y, ~jnp.all(jnp.isfinite(y)), "y contains NaN or inf", checks)
 
     params, frozen = eqx.partition(net, net.trainable())
     probe = GradientFlowProblem(frozen, X, y, loss, jnp.zeros((), X.dtype), warp)

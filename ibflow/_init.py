@@ -2,7 +2,8 @@
 
 All functions are pure JAX (jit/vmap-safe in `alpha`, `shape` and `key`). Value
 preconditions (α > 0, |s| < 1, finite) are checked with `eqx.error_if`, so they
-raise at run time inside `jit` too.
+raise at run time inside `jit` too (left out when traced inside `_checks.host_validated()`,
+by a caller that checked them on the host).
 
 **Definitions (exact, Azulay §7.1 / §7.2; math.md §2.4–§2.5).** For a product of
 two factors u (first layer) and v (last layer):
@@ -20,10 +21,10 @@ this sense: `‖w_j‖`-type first-layer factor and `|a_j|` last-layer factor wi
 `|a_j|·‖w_j‖ = α` when L = 2. Directions come from `key` (or are given).
 """
 
-import equinox as eqx
 import jax
 import jax.numpy as jnp
 
+from ._checks import value_check
 from ._networks import (
     ConvNet,
     DiagonalNet,
@@ -37,10 +38,10 @@ from ._networks import (
 def _check_scale_shape(alpha, shape):
     alpha = jnp.asarray(alpha, dtype=float)
     shape = jnp.asarray(shape, dtype=float)
-    alpha = eqx.error_if(alpha, ~jnp.all(jnp.isfinite(alpha)), "alpha must be finite")
-    alpha = eqx.error_if(alpha, jnp.any(alpha <= 0), "alpha must be > 0")
-    shape = eqx.error_if(shape, ~jnp.all(jnp.isfinite(shape)), "shape must be finite")
-    shape = eqx.error_if(shape, jnp.any(jnp.abs(shape) >= 1), "shape s must satisfy |s| < 1")
+    alpha = value_check(alpha, ~jnp.all(jnp.isfinite(alpha)), "alpha must be finite")
+    alpha = value_check(alpha, jnp.any(alpha <= 0), "alpha must be > 0")
+    shape = value_check(shape, ~jnp.all(jnp.isfinite(shape)), "shape must be finite")
+    shape = value_check(shape, jnp.any(jnp.abs(shape) >= 1), "shape s must satisfy |s| < 1")
     return alpha, shape
 
 

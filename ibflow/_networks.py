@@ -82,10 +82,6 @@ class AbstractNetwork(eqx.Module):
         math.md §5.1), flattened into one vector. Empty when there are none."""
 
 
-def _check_finite(name, x):
-    return eqx.error_if(x, ~jnp.all(jnp.isfinite(x)), f"{name} must be finite")
-
-
 class Linear(AbstractNetwork):
     """The linear model `f(x) = wᵀx` (sanity baseline).
 

@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ._checks import host_validated
 from ._flow import gradient_flow, reducible
 from ._losses import SquareLoss
 from ._init import init_by_name
@@ -43,8 +44,8 @@ TRAIN_FIELDS = ("max_sharpness", "final_sharpness", "stability_bound", "flow_dis
                 "loss_increases")
 
 
-def _solver_fn(kind, d, depth, width, slope, X, y, flow_kwargs, optimizer=None, train_kwargs=None):
-    def one(alpha, shape, seed, eta):
+def _solver_fn(kind, d, depth, width, slope, flow_kwargs, optimizer=None, train_kwargs=None):
+    def one(alpha, shape, seed, eta, X, y):
         net = init_by_name(kind, d, alpha, shape, depth=depth, width=width, slope=slope,
                            key=jax.random.PRNGKey(seed))
         sol = gradient_flow(net, X, y, throw=False, **flow_kwargs)
@@ -63,6 +64,34 @@ def _solver_fn(kind, d, depth, width, slope, X, y, flow_kwargs, optimizer=None, 
         return tr.predictor, tr.loss, tr.steps, tr.steps * eta, tr.invariant_drift, tr.result, tr.network, net, extra
 
     return one
+
+
+def _chunk_solver(one):
+    """`solve(alphas, shapes, seeds, etas, X, y)`: `one` vmapped over the points of a chunk,
+    compiled once (`jax.jit`; X and y are arguments, not constants, so the executable does
+    not depend on the data's values and JAX's persistent compilation cache can reuse it).
+
+    Traced in `host_validated()` mode (the sweep checks every value on the host first), so
+    the executable holds no host callback, and called through `jax.jit` rather than
+    `eqx.filter_jit`, which waits for every result: dispatch returns at once and the next
+    chunk solves while the host certifies and writes the current one. The outputs' non-array
+    parts (network classes and static fields) are recorded at trace time and put back."""
+    static = []
+
+    def chunk(alphas, shapes, seeds, etas, X, y):
+        with host_validated():
+            out = eqx.filter_vmap(one, in_axes=(0, 0, 0, 0, None, None))(alphas, shapes, seeds, etas, X, y)
+        dynamic, static_part = eqx.partition(out, eqx.is_array)
+        static[:] = [static_part]
+        return dynamic
+
+    jitted = jax.jit(chunk)
+
+    def solve(*args):
+        dynamic = jitted(*args)
+        return eqx.combine(dynamic, static[0])
+
+    return solve
 
 
 def _kernel_scale(alpha, shape):
@@ -128,6 +157,9 @@ def sweep(
     """
     X = np.asarray(X, dtype=float)
     y = np.asarray(y, dtype=float)
+    # Every value the solves would check at run time is checked here, on the host (`_chunk_solver`).
+    if not (np.all(np.isfinite(X)) and np.all(np.isfinite(y))):
+        raise ValueError("X and y must be finite (no NaN or inf)")
     alphas = np.asarray(alphas, dtype=float).ravel()
     shapes = np.asarray(shapes, dtype=float).ravel()
     seeds = np.asarray(seeds, dtype=np.int64).ravel()
@@ -203,11 +235,10 @@ def sweep(
                     next_chunk = max(next_chunk, int(name[6:-3]) + 1)
     todo = [g for g in grid if g not in done]
 
-    one = _solver_fn(net, d, depth, width, slope, jnp.asarray(X), jnp.asarray(y), flow_kwargs, optimizer,
-                     train_kwargs)
+    solve_chunk = _chunk_solver(_solver_fn(net, d, depth, width, slope, flow_kwargs, optimizer, train_kwargs))
+    X_dev, y_dev = jnp.asarray(X), jnp.asarray(y)
     mesh = jax.sharding.Mesh(np.array(jax.devices()), ("points",))
     sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("points"))
-    solve_chunk = eqx.filter_jit(eqx.filter_vmap(one))
 
     # Finished chunks are written by one background thread (pure host I/O, no JAX), so the
     # next chunk's solve does not wait for netCDF encoding (~75 ms a chunk).
@@ -227,7 +258,7 @@ def sweep(
         s = jax.device_put(jnp.asarray([shapes[p[1]] for p in pad]), sharding)
         k = jax.device_put(jnp.asarray([seeds[p[2]] for p in pad]), sharding)
         e = jax.device_put(jnp.asarray([etas[p[3]] for p in pad]), sharding)
-        out = pts, solve_chunk(a, s, k, e)
+        out = pts, solve_chunk(a, s, k, e, X_dev, y_dev)
         if writer is not None and c0 == starts[0]:
             # Once the first chunk is compiled and running, the writer thread imports what the
             # chunk files need (xarray, h5netcdf: ~0.5 s) while this thread waits on XLA.

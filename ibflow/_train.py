@@ -22,6 +22,7 @@ import optax
 from jax.flatten_util import ravel_pytree
 from jaxtyping import Array
 
+from ._checks import checks_enabled, value_check
 from ._flow import check_data, invariant_drift
 from ._losses import AbstractLoss, SquareLoss
 from ._networks import AbstractNetwork
@@ -221,18 +222,19 @@ def train(
     ref = jnp.asarray(jnp.nan if reference_sharpness is None else reference_sharpness, dtype)
     return _train(net, X, y, loss, optimizer, jnp.asarray(step_size, dtype), momentum, batch_size, key,
                   jnp.asarray(label_noise, dtype), jnp.asarray(loss_rtol, dtype), max_steps, sharpness_every,
-                  lanczos_iters, history, ref, jnp.asarray(divergence_factor, dtype), throw)
+                  lanczos_iters, history, ref, jnp.asarray(divergence_factor, dtype), throw, checks_enabled())
 
 
 @eqx.filter_jit
 def _train(net, X, y, loss, optimizer, step_size, momentum, batch_size, key, label_noise, loss_rtol, max_steps,
-           sharpness_every, lanczos_iters, history, reference_sharpness, divergence_factor, throw):
-    X, y = check_data(net, X, y)
+           sharpness_every, lanczos_iters, history, reference_sharpness, divergence_factor, throw, checks):
+    X, y = check_data(net, X, y, checks)  # checks: static, see `_checks`
     N = X.shape[0]
     if batch_size is not None and not 1 <= batch_size <= N:
         raise ValueError(f"batch_size must lie in [1, N = {N}], got {batch_size}")
-    step_size = eqx.error_if(step_size, ~(step_size > 0) | ~jnp.isfinite(step_size), "step_size must be finite and > 0")
-    y = eqx.error_if(y, ~jnp.all(jnp.isfinite(y)), "y contains NaN or inf")
+    step_size = value_check(step_size, ~(step_size > 0) | ~jnp.isfinite(step_size), "step_size must be finite and > 0",
+                            checks)
+    y = value_check(y, ~jnp.all(jnp.isfinite(y)), "y contains NaN or inf", checks)
 
     params, frozen = eqx.partition(net, net.trainable())
     flat0, unravel = ravel_pytree(params)
