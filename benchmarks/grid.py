@@ -3,10 +3,11 @@ ibflow's certified sweep against the GD loop summed over the grid and against Sc
 
     python benchmarks/grid.py [--gd all|sample|none] [--lsoda-points K] [--dim D --samples N] [--seed S]
 
-Two ibflow rows: the command line `ibflow sweep --certify` timed from outside (a fresh
+Three ibflow rows: the command line `ibflow sweep --certify` timed from outside (a fresh
 process: start-up, import, compilation, solve, certificates, netCDF files and the figure,
-the quantity the issue's acceptance compares with one LSODA point; default reduced mode),
-and `ibflow.sweep(..., flow_kwargs=dict(mode="pure"))` in this process, the parameter ODE
+the quantity the issue's acceptance compares with one LSODA point; default reduced mode)
+with an empty compilation cache, the same again with the cache that run filled (on a
+second data set of the same shapes: `IBFLOW_CACHE_DIR`, see the README), and `ibflow.sweep(..., flow_kwargs=dict(mode="pure"))` in this process, the parameter ODE
 itself (its wall time with and without import + compile), whose limits the reduced mode
 must reproduce (printed: their largest relative difference). The GD loop summed over
 the grid is measured point by point (`--gd all`, slow: tens of minutes) or on every 5th
@@ -47,15 +48,23 @@ def main():
     alphas = np.logspace(-5, np.log10(0.25), args.n_alpha)
     shapes = [0.0, 0.5, 0.7, 0.9, 0.99]
 
-    # The command line, timed from outside in a fresh process.
+    # The command line, timed from outside in a fresh process: cold (an empty compilation cache,
+    # so compilation is included) and warm (the cache the cold run filled, on another data set
+    # of the same shapes: what a second sweep of a study costs).
     tmp = tempfile.mkdtemp(prefix="ibflow-grid-")
-    np.savez(os.path.join(tmp, "data.npz"), X=X, y=y, w_star=w_star)
-    cmd = [sys.executable, "-m", "ibflow", "sweep", "--data", os.path.join(tmp, "data.npz"), "--net", "diagonal",
-           "--alpha", f"1e-5:0.25:{args.n_alpha}", "--shape", ",".join(map(str, shapes)), "--certify",
-           "--out", os.path.join(tmp, "out"), "--no-progress"]
-    t0 = time.perf_counter()
-    subprocess.run(cmd, check=True, capture_output=True)
-    t_cli = time.perf_counter() - t0
+    env = dict(os.environ, IBFLOW_CACHE_DIR=os.path.join(tmp, "cache"))
+
+    def cli_sweep(name, data):
+        np.savez(os.path.join(tmp, f"{name}.npz"), X=data[0], y=data[1], w_star=data[2])
+        cmd = [sys.executable, "-m", "ibflow", "sweep", "--data", os.path.join(tmp, f"{name}.npz"), "--net",
+               "diagonal", "--alpha", f"1e-5:0.25:{args.n_alpha}", "--shape", ",".join(map(str, shapes)),
+               "--certify", "--out", os.path.join(tmp, name), "--no-progress"]
+        t0 = time.perf_counter()
+        subprocess.run(cmd, check=True, capture_output=True, env=env)
+        return time.perf_counter() - t0
+
+    t_cli = cli_sweep("out", (X, y, w_star))
+    t_warm = cli_sweep("warm", problem(args.dim, args.samples, seed=args.seed + 1000))
     import xarray as xr
 
     with xr.open_dataset(os.path.join(tmp, "out", "sweep.nc"), engine="h5netcdf") as cli:
@@ -82,15 +91,20 @@ def main():
             errs[i, j] = rel(ds["predictor"].values[i, j, 0], ref)
             cli_errs[i, j] = rel(cli["predictor"].values[i, j, 0], ref)
 
-    rows = [["`ibflow sweep --certify` (command line, fresh process; reduced mode)", f"{t_cli:.1f}", f"{t_cli:.1f}",
-             f"{cli_errs.max():.1e}", f"{int((cli['status'].values == 'converged').sum())}/{errs.size}",
+    rows = [["`ibflow sweep --certify` (command line, fresh process, empty compilation cache; reduced mode)",
+             f"{t_cli:.1f}", f"{t_cli:.1f}", f"{cli_errs.max():.1e}",
+             f"{int((cli['status'].values == 'converged').sum())}/{errs.size}",
              f"{int(cli['passed'].values.sum())}/{errs.size}"]]
     rows += [["ibflow.sweep, pure parameter ODE (mode='pure')" + (" certified" if not args.no_certify else ""),
               f"{t_sweep:.1f}",
              f"{t_total:.1f}", f"{errs.max():.1e}", f"{int((ds['status'].values == 'converged').sum())}/{errs.size}"]]
     if not args.no_certify:
         rows[1].append(f"{int(ds['passed'].values.sum())}/{errs.size}")
+    else:
+        rows[1].append("-")
     rows.append(["dual-Newton floor (all points)", f"{t_ref:.1f}", "-", "-", "-", "-"])
+    rows.insert(1, ["the same, warm compilation cache (filled by the run above; another data set of the same "
+                    "shapes)", f"{t_warm:.1f}", f"{t_warm:.1f}", "-", "-", "-"])
 
     gd_note = ""
     if args.gd != "none":
@@ -124,14 +138,15 @@ def main():
     print(f"\nibflow.sweep incl. import + compile: {t_total:.1f} s for {errs.size} points; "
           f"per point {t_sweep / errs.size * 1e3:.0f} ms vs dual-Newton floor {t_ref / errs.size * 1e3:.0f} ms "
           f"({t_sweep / max(t_ref, 1e-9):.1f}×); peak RSS {peak_rss_mib():.0f} MiB")
-    for r in rows[2:]:
+    for r in rows[3:]:
         print(f"{r[0]}: {float(r[1]) / t_cli:.1f}× the command line's time")
     fast_vs_pure = max(rel(cli["predictor"].values[i, j, 0], ds["predictor"].values[i, j, 0])
                        for i in range(len(alphas)) for j in range(len(shapes)))
     print(f"reduced (command line) vs pure (in process) limits: largest relative difference {fast_vs_pure:.1e}")
     for a, t, e in lsoda_pts:
-        print(f"acceptance: `ibflow sweep` {t_cli:.1f} s for 100 points vs SciPy LSODA {t:.1f} s for one point "
-              f"(α = {a:.2g}, s = 0; error {e:.1e}): ratio {t_cli / t:.2f} (≤ 1 passes)")
+        print(f"acceptance: `ibflow sweep` {t_cli:.1f} s cold ({t_warm:.1f} s warm) for 100 points vs SciPy LSODA "
+              f"{t:.1f} s for one point (α = {a:.2g}, s = 0; error {e:.1e}): ratio {t_cli / t:.2f} "
+              f"({t_warm / t:.2f} warm; ≤ 1 passes)")
 
 
 if __name__ == "__main__":

@@ -9,6 +9,10 @@ Bad input exits with status 2 and a one-line message; a flow that does not
 converge writes R.json with its status and exits with status 1. Classification
 (`--loss exp|logistic`) needs ±1 labels and linearly separable data: otherwise
 R.json gets `status: "not separable"` and the exit status is 2.
+
+Compiled programs are kept in JAX's persistent compilation cache, so a later command on
+problems of the same shapes (any values) skips XLA compilation: `$IBFLOW_CACHE_DIR`, default
+`$XDG_CACHE_HOME/ibflow/jax` (`~/.cache/ibflow/jax`); `IBFLOW_CACHE_DIR=off` turns it off.
 """
 
 import argparse
@@ -512,9 +516,38 @@ def cmd_demo(args) -> int:
     return 0
 
 
+#: Compilations shorter than this are not written to the persistent cache (the many tiny ones).
+CACHE_MIN_COMPILE_SECONDS = 0.2
+
+
+def compilation_cache_dir() -> str | None:
+    """The command line's JAX compilation cache directory (module docstring), None when off."""
+    import os
+
+    path = os.environ.get("IBFLOW_CACHE_DIR")
+    if path is None:
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        path = os.path.join(base, "ibflow", "jax")
+    return None if path.strip().lower() in ("", "off", "0", "none") else path
+
+
+def _enable_compilation_cache():
+    """JAX's persistent compilation cache (keyed on the program, compiler options, jaxlib and
+    device; data values are arguments, not constants, in the sweep's and certificates' programs).
+    An unwritable directory only costs the speed-up: JAX warns and compiles as usual."""
+    path = compilation_cache_dir()
+    if path is None:
+        return
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", CACHE_MIN_COMPILE_SECONDS)
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    _enable_compilation_cache()
     if hasattr(args, "max_steps"):
         args.max_steps_given = args.max_steps is not None
         if args.max_steps is None:

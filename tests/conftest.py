@@ -1,9 +1,14 @@
 import gc
+import os
 
 import jax
 import pytest
 
 jax.config.update("jax_enable_x64", True)
+# The command line keeps compiled programs in a persistent cache (~/.cache/ibflow/jax); the
+# suite (which calls it in process and in subprocesses) leaves the user's cache alone and
+# compiles everything itself. test_cli.py tests the cache in a temporary directory.
+os.environ.setdefault("IBFLOW_CACHE_DIR", "off")
 
 
 @pytest.fixture

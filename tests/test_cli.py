@@ -1,4 +1,5 @@
 import json
+import os
 import subprocess
 import sys
 
@@ -173,3 +174,47 @@ def test_demo_main_job_certifies_every_point(tmp_path, capsys):
             w = ds["predictor"].sel(alpha=a, shape=s).isel(seed=0).values
             ref = ib.dual_newton(ib.implicit_potential(ib.diagonal_init(float(a), float(s), 30)), D["X"], D["y"]).w
             assert np.linalg.norm(w - ref) / np.linalg.norm(ref) < 1e-8
+
+
+def test_compilation_cache_dir_resolution(monkeypatch, tmp_path):
+    from ibflow._cli import compilation_cache_dir
+
+    monkeypatch.delenv("IBFLOW_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert compilation_cache_dir() == str(tmp_path / "ibflow" / "jax")
+    monkeypatch.setenv("IBFLOW_CACHE_DIR", "off")
+    assert compilation_cache_dir() is None
+    monkeypatch.setenv("IBFLOW_CACHE_DIR", str(tmp_path / "c"))
+    assert compilation_cache_dir() == str(tmp_path / "c")
+
+
+def test_sweep_compilation_cache_is_reused_across_data_values(tmp_path):
+    """Two command-line sweeps on different data of the same shapes share one persistent cache:
+    the first stores the solve's program, the second finds it and adds none (the data are
+    arguments, not constants, so the key does not depend on their values), and the second's limits are still the exact ones
+    (dual Newton of the Thm 4.1 potential)."""
+    import xarray as xr
+
+    cache = tmp_path / "cache"
+    env = dict(os.environ, IBFLOW_CACHE_DIR=str(cache))
+    entries = []
+    for seed in (0, 1):
+        D = ib.sparse_regression(num_samples=8, dim=20, seed=seed)
+        np.savez(tmp_path / f"d{seed}.npz", X=D["X"], y=D["y"])
+        out = tmp_path / f"out{seed}"
+        proc = subprocess.run([sys.executable, "-m", "ibflow", "sweep", "--data", str(tmp_path / f"d{seed}.npz"),
+                               "--net", "diagonal", "--alpha", "1e-3:0.5:3", "--shape", "0,0.8", "--certify",
+                               "--out", str(out), "--no-progress"], capture_output=True, text=True, env=env)
+        assert proc.returncode == 0, proc.stderr
+        # The sweep's solve (compiled in ~2 s); smaller programs near the cache's 0.2 s
+        # compile-time threshold may or may not be stored, depending on the machine's speed.
+        entries.append(sorted(name for name in os.listdir(cache) if name.startswith("jit_chunk")))
+        with xr.open_dataset(out / "sweep.nc", engine="h5netcdf") as ds:
+            ds = ds.load()
+        assert ds["passed"].values.all()
+        for a in ds["alpha"].values:
+            for s in ds["shape"].values:
+                w = ds["predictor"].sel(alpha=a, shape=s).isel(seed=0).values
+                ref = ib.dual_newton(ib.implicit_potential(ib.diagonal_init(float(a), float(s), 20)), D["X"], D["y"]).w
+                assert np.linalg.norm(w - ref) <= 1e-10 * np.linalg.norm(ref)
+    assert len(entries[0]) == 1 and entries[1] == entries[0], entries
