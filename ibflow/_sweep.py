@@ -91,6 +91,7 @@ def _chunk_solver(one):
         dynamic = jitted(*args)
         return eqx.combine(dynamic, static[0])
 
+    solve.lower = jitted.lower  # the compiled program, for inspection (tests: no host callback)
     return solve
 
 

@@ -1,0 +1,61 @@
+"""Run-time value checks and the host-validated mode (`ibflow._checks`)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import ibflow as ib
+from ibflow._checks import checks_enabled, host_validated
+from ibflow._sweep import _chunk_solver, _solver_fn
+
+
+@pytest.fixture(scope="module")
+def small():
+    D = ib.sparse_regression(num_samples=6, dim=10, seed=3)
+    return jnp.asarray(D["X"]), jnp.asarray(D["y"])
+
+
+def test_mode_is_scoped():
+    assert checks_enabled()
+    with host_validated():
+        assert not checks_enabled()
+    assert checks_enabled()
+
+
+def test_init_checks_left_out_only_inside_host_validated():
+    with pytest.raises(Exception, match="alpha must be > 0"):
+        jax.jit(lambda a: ib.diagonal_init(a, 0.0, 3).plus)(-1.0).block_until_ready()
+    with host_validated():
+        f = jax.jit(lambda a: ib.diagonal_init(a, 0.0, 3).plus)
+        out = f(-1.0)  # no check in this trace: the caller promised to validate on the host
+    assert np.isnan(np.asarray(out)).any()
+
+
+def test_check_free_trace_of_gradient_flow_is_not_reused(small):
+    """`gradient_flow` traced inside `host_validated()` caches a program without checks; a later
+    ordinary call with the same shapes must not reuse it (the mode is a static argument)."""
+    X, y = small
+    net = ib.diagonal_init(0.1, 0.0, X.shape[1])
+    with host_validated():
+        loss = jax.jit(lambda X: ib.gradient_flow(net, X, y, throw=False).loss)(X)
+    assert float(loss) < 1e-20
+    with pytest.raises(Exception, match="X contains NaN"):
+        ib.gradient_flow(net, X.at[0, 0].set(jnp.nan), y, throw=False).loss.block_until_ready()
+
+
+def test_sweep_checks_data_on_the_host(small):
+    X, y = small
+    with pytest.raises(ValueError, match="finite"):
+        ib.sweep(np.where(np.eye(*X.shape, dtype=bool), np.nan, X), y, alphas=[0.1], shapes=[0.0], progress=False)
+
+
+@pytest.mark.parametrize("kind", ["diagonal", "fc"])
+def test_sweep_chunk_program_has_no_host_callback(small, kind):
+    """The precondition of asynchronous chunk dispatch and of the persistent compilation cache."""
+    X, y = small
+    solve = _chunk_solver(_solver_fn(kind, X.shape[1], 2, 2, 0.2, {}))
+    z = jnp.zeros(2)
+    text = solve.lower(z + 0.1, z, jnp.zeros(2, int), z, X, y).as_text()
+    assert "callback" not in text
+    assert "custom_call" in text or "dot_general" in text  # a real program was lowered
