@@ -78,10 +78,12 @@ class LinearlyImplicitExtrapolation(dfx.AbstractAdaptiveSolver):
 
     @property
     def noise_gain(self) -> float:
-        """Σ_j |c_j| over the weights of `T_{k,k} = Σ c_j T_{j,1}`: the factor by which the
-        extrapolation amplifies independent rounding errors of the k Euler chains."""
+        """`Σ_j |c_j| n_j` over the weights of `T_{k,k} = Σ c_j T_{j,1}`: a bound on the factor by
+        which the extrapolation amplifies rounding, chain j accumulating the errors of its
+        `n_j = j` sub-steps (21529 at order 8; `Σ_j |c_j|` alone, 3392, counts one error per
+        chain and was measured 1.3-3.6x short in loss on a data set of the Azulay §9 kind)."""
         n = range(1, self.order_k + 1)
-        return float(sum(abs(math.prod(j / (j - i) for i in n if i != j)) for j in n))
+        return float(sum(j * abs(math.prod(j / (j - i) for i in n if i != j)) for j in n))
 
     @property
     def vector_field_evaluations_per_step(self) -> int:

@@ -178,3 +178,28 @@ def test_deadlock_safe_cho_solve(shape):
         fn = jax.vmap(fn)
     x = np.asarray(jax.jit(fn)(jnp.asarray(L), jnp.asarray(b)))
     np.testing.assert_allclose(x, np.linalg.solve(M, b[..., None])[..., 0], rtol=1e-10, atol=1e-12)
+
+
+def test_resolved_time_ends_a_stalled_integration(monkeypatch):
+    """`ReducedFlowProblem.resolved`: with the noise floor removed from the stop level (so the
+    state stalls in its rounding noise above an unattainable target, as a too-low floor estimate
+    would make it), the integration still ends once t·tr(M) ≥ 1e30, the end-game jump lands on
+    the dual-Newton limit and the strict target decides the status; without the guard the same
+    solve runs into max_steps with t ~ 1e100."""
+    from ibflow import _flow
+
+    D = ib.sparse_regression(num_samples=7, dim=13, seed=5)
+    net = ib.diagonal_init(0.3, 0.9, 13)
+    ref = ib.dual_newton(ib.implicit_potential(net), D["X"], D["y"]).w
+    monkeypatch.setattr(_flow.ReducedFlowProblem, "stop_level", lambda self, a: self.target)
+    jax.clear_caches()
+    sol = ib.gradient_flow(net, D["X"], D["y"], throw=False, max_steps=400, loss_rtol=1e-30)
+    assert sol.status == "converged"
+    assert float(sol.t_end) * float(jnp.sum(sol.network.predictor_kernel_diagonal() * jnp.sum(D["X"] ** 2, 0))) \
+        / 7 >= 1e30 * 0.5  # ended by the guard (trace at the end ≈ trace at the event)
+    assert rel(sol.predictor, ref) < 1e-10
+    monkeypatch.setattr(_flow.ReducedFlowProblem, "resolved", lambda self, t, a: jnp.zeros((), bool))
+    jax.clear_caches()
+    stalled = ib.gradient_flow(net, D["X"], D["y"], throw=False, max_steps=400, loss_rtol=1e-30)
+    assert stalled.status == "max_steps" and float(stalled.t_end) > 1e60
+    jax.clear_caches()
