@@ -218,3 +218,18 @@ def test_sweep_compilation_cache_is_reused_across_data_values(tmp_path):
                 ref = ib.dual_newton(ib.implicit_potential(ib.diagonal_init(float(a), float(s), 20)), D["X"], D["y"]).w
                 assert np.linalg.norm(w - ref) <= 1e-10 * np.linalg.norm(ref)
     assert len(entries[0]) == 1 and entries[1] == entries[0], entries
+
+
+def test_module_entry_flushes_output_and_keeps_exit_status(files, tmp_path):
+    """`python -m ibflow` leaves through `os._exit` after `main` (`_cli.entry`): its stdout and
+    stderr must still arrive, with the exit status `main` returned."""
+    p, _ = files
+    bad = subprocess.run([sys.executable, "-m", "ibflow", "run", "--data", str(tmp_path / "missing.npz"), "--net",
+                          "linear", "--alpha", "1", "--out", str(tmp_path / "o.json")], capture_output=True, text=True)
+    assert bad.returncode == 2 and "data file not found" in bad.stderr
+    out = tmp_path / "sweep"
+    ok = subprocess.run([sys.executable, "-m", "ibflow", "sweep", "--data", str(p / "d.npz"), "--net", "linear",
+                         "--alpha", "0.1:1:2", "--shape", "0", "--out", str(out), "--no-progress"],
+                        capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    assert "2/2 points converged" in ok.stdout and (out / "sweep.nc").stat().st_size > 0
