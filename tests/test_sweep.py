@@ -146,3 +146,23 @@ def test_chunk_order_key_is_half_the_initial_kernel(alpha, shape):
     net = ib.diagonal_init(alpha, shape, 3)
     u, v = np.asarray(net.plus)
     np.testing.assert_allclose(_kernel_scale(alpha, shape), (u**2 + v**2) / 2, rtol=1e-12)
+
+
+def test_second_sweep_reuses_the_compiled_chunk(data):
+    """A second sweep with the same network and options (new α values, new data values of the
+    same shapes) neither traces nor compiles its chunk program again."""
+    from ibflow._sweep import _cached_chunk_solver
+
+    p, D = data
+    kw = dict(alphas=[0.01, 0.2], shapes=[0.0, 0.5], progress=False, chunk_size=4)
+    a = ib.sweep(D["X"], D["y"], **kw)
+    kw["alphas"] = [0.02, 0.3]
+    b = ib.sweep(D["X"] * 1.1, D["y"], **kw)
+    assert (a["status"].values == "converged").all() and (b["status"].values == "converged").all()
+    solve = _cached_chunk_solver("diagonal", D["X"].shape[1], 2, 1, 0.2,
+                                 dict(rtol=ib._sweep.REDUCED_RTOL, atol=ib._sweep.REDUCED_ATOL), None, None)
+    assert solve.cache_size() == 1
+    for i, alpha in enumerate(kw["alphas"]):
+        net = ib.diagonal_init(alpha, 0.5, D["X"].shape[1])
+        ref = ib.dual_newton(ib.implicit_potential(net), D["X"] * 1.1, D["y"]).w
+        np.testing.assert_allclose(b["predictor"].values[i, 1, 0], ref, rtol=1e-9, atol=1e-12)
