@@ -5,7 +5,7 @@
   stiff tails), and cut into chunks of `chunk_size`; each chunk is one
   `jit(vmap(gradient_flow))` call whose batch is sharded over all JAX devices
   (`jax.sharding`, a 1-D mesh named "points"). A vmapped adaptive solve steps all
-  members until the slowest has converged, so grouping similar α keeps lock-step cheap.
+  members until the slowest has converged, so grouping similar scales keeps lock-step cheap.
 - Each finished chunk is written to `DIR/chunks/chunk-XXXXX.nc` (netCDF via h5netcdf, by
   a background thread while the next chunk solves) together with the point indices it
   holds; re-running the same sweep skips every finished point, and an interrupted sweep
