@@ -44,9 +44,9 @@ class GradientFlowProblem(eqx.Module):
     def gradient(self, params):
         return jax.grad(self.loss_value)(params)
 
-    def stop_level(self, params):
-        """The loss level at which the solve stops."""
-        return self.target
+    def stopped(self, t, params):
+        """The stopping event: the loss has reached the target."""
+        return self.loss_value(params) <= self.target
 
     def warp_factor(self, params):
         """g(θ) > 0 of a time-warped flow `θ̇ = −g(θ)∇L(θ)` (Azulay §5); 1 by default."""
@@ -130,6 +130,10 @@ class ReducedFlowProblem(eqx.Module):
         trace = jnp.sum(self.network(a).predictor_kernel_diagonal() * jnp.sum(self.X**2, axis=0)) / self.X.shape[0]
         return t * trace >= _RESOLVED_TIME
 
+    def stopped(self, t, a):
+        """The stopping event: the loss has reached `stop_level`, or the flow is `resolved`."""
+        return (self.loss_value(a) <= self.stop_level(a)) | self.resolved(t, a)
+
     def kernel_jump(self, a):
         """The limit of the flow linearised at a (the kernel-regime end-game of issue 6):
         `a + M⁺ȧ`, i.e. one Newton step on `ȧ = 0`. Its distance to the exact limit is second
@@ -204,10 +208,7 @@ def _reduced_vector_field(t, a, problem: ReducedFlowProblem):
 
 
 def _converged(t, state, problem, **kwargs):
-    done = problem.loss_value(state) <= problem.stop_level(state)
-    if isinstance(problem, ReducedFlowProblem):
-        done = done | problem.resolved(t, state)
-    return done
+    return problem.stopped(t, state)
 
 
 class FlowSolution(eqx.Module):
