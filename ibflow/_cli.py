@@ -171,7 +171,7 @@ def _add_regression_fields(out, args, data, net, w):
 def cmd_run(args) -> int:
     import jax
 
-    from ._flow import gradient_flow, reducible
+    from ._flow import _check_mode, gradient_flow
     from ._losses import SquareLoss
 
     data = load_data(args.data)
@@ -185,9 +185,10 @@ def cmd_run(args) -> int:
         raise InputError("--step-size/--batch-size need --optimizer")
     if args.loss != "square":
         return _run_margin(args, data, net0)
-    if args.mode == "reduced" and not reducible(net0, SquareLoss()):
-        raise InputError(f"--mode reduced needs a closed-form flow map (two-layer diagonal, tied depth 2, linear), "
-                         f"not --net {args.net} at this depth")
+    try:
+        reduced = _check_mode(args.mode, net0, SquareLoss(), None)  # gradient_flow's own mode rule
+    except ValueError as e:
+        raise InputError(f"--net {args.net}: {e}") from None
     t0 = time.perf_counter()
     sol = gradient_flow(net0, X, y, rtol=args.rtol, atol=args.atol, loss_rtol=args.loss_rtol, mode=args.mode,
                         max_steps=args.max_steps, throw=False)
@@ -205,7 +206,7 @@ def cmd_run(args) -> int:
         num_rejected_steps=int(sol.num_rejected_steps),
         num_fevals=int(sol.num_fevals) if np.isfinite(sol.num_fevals) else None,
         invariant_drift=float(sol.invariant_drift),
-        mode="reduced" if reducible(net0, SquareLoss()) and args.mode != "pure" else "pure",
+        mode="reduced" if reduced else "pure",
         end_jump=float(sol.end_jump),
         status=sol.status,
         wall_seconds=wall,
