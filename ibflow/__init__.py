@@ -95,7 +95,7 @@ _LAZY = {
     "check_separable": "._margin",
     "margin_geometry": "._margin",
     "max_margin": "._margin",
-    'svm_l2': "._margin",
+    "svm_l2": "._margin",
     "TrainSolution": "._train",
     "lanczos_top_eigenvalue": "._train",
     "make_optimizer": "._train",
