@@ -77,6 +77,36 @@ def test_interrupted_sweep_resumes_without_recomputing(data, tmp_path):
     assert sorted(f for f in os.listdir(chunks) if f.endswith(".nc")) == after
 
 
+@pytest.mark.parametrize("old_format", [False, True])
+def test_resumed_sweep_reads_back_every_field(data, tmp_path, old_format):
+    """A sweep resumed from its chunk files alone returns the same dataset, certificate fields,
+    flags and strings included; `old_format`: the netCDF4 chunk files of earlier versions
+    (a variable per field) are read too."""
+    p, D = data
+    out = tmp_path / "r"
+    kw = dict(alphas=[1e-3, 0.1, 1.0], shapes=[0.0, 0.5], w_star=D["w_star"], certify=True, progress=False,
+              chunk_size=4, out=str(out))
+    first = ib.sweep(D["X"], D["y"], **kw)
+    os.remove(out / "sweep.nc")
+    if old_format:
+        for name in os.listdir(out / "chunks"):
+            with xr.open_dataset(out / "chunks" / name) as ds:
+                ds = ds.load()
+            old = {k: (("n",), ds["scalars"].values[:, i].astype(bool if k in ("passed", "applicable") else float))
+                   for i, k in enumerate(str(f) for f in ds["field"].values)}
+            old.update({k: ds[k] for k in ("predictor", "status", "potential", "point")})
+            xr.Dataset(old).to_netcdf(out / "chunks" / name, engine="h5netcdf")
+    again = ib.sweep(D["X"], D["y"], **kw)
+    assert set(again.data_vars) == set(first.data_vars)
+    for k in first.data_vars:
+        a, b = first[k].values, again[k].values
+        if a.dtype.kind == "f":
+            np.testing.assert_array_equal(a, b)
+        else:
+            assert (a == b).all(), k
+    assert again["passed"].dtype == bool and again["passed"].values.all()
+
+
 def test_different_sweep_in_same_dir_is_refused(data, tmp_path, capsys):
     p, _ = data
     out = tmp_path / "x"
