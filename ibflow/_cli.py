@@ -39,9 +39,9 @@ def _fail(msg, code=2):
 def _add_flow_options(p, sweep=False):
     if sweep:
         p.add_argument("--rtol", type=float, default=None,
-                       help="solver relative tolerance (default 1e-10; 1e-6 in reduced mode, whose limits do not "
+                       help="solver relative tolerance (default 1e-10; 1e-4 in reduced mode, whose limits do not "
                             "depend on path errors)")
-        p.add_argument("--atol", type=float, default=None, help="solver absolute tolerance (default 1e-12; 1e-8 "
+        p.add_argument("--atol", type=float, default=None, help="solver absolute tolerance (default 1e-12; 1e-6 "
                                                                  "in reduced mode)")
     else:
         p.add_argument("--rtol", type=float, default=1e-10, help="solver relative tolerance")
