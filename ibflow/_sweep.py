@@ -69,15 +69,19 @@ def _solver_fn(kind, d, depth, width, slope, flow_kwargs, optimizer=None, train_
 
 
 def _chunk_solver(one):
-    """`solve(alphas, shapes, seeds, etas, X, y)`: `one` vmapped over the points of a chunk,
-    compiled once (`jax.jit`; X and y are arguments, not constants, so the executable does
-    not depend on the data's values and JAX's persistent compilation cache can reuse it).
+    """`solve(alphas, shapes, seeds, etas, X, y, on_lowered=None)`: `one` vmapped over the points
+    of a chunk, compiled once per argument signature (`jax.jit`, lowered and compiled ahead of
+    time; X and y are arguments, not constants, so the executable does not depend on the data's
+    values and JAX's persistent compilation cache can reuse it). `on_lowered()` is called
+    between tracing and XLA compilation, which releases the GIL: the sweep starts the
+    certificates' own compilation there.
 
     Traced in `host_validated()` mode (the sweep checks every value on the host first), so
-    the executable holds no host callback, and called through `jax.jit` rather than
-    `eqx.filter_jit`, which waits for every result: dispatch returns at once and the next
-    chunk solves while the host certifies and writes the current one. The outputs' non-array
-    parts (network classes and static fields) are recorded at trace time and put back."""
+    the executable holds no host callback, and called as a compiled executable rather than
+    through `eqx.filter_jit`, which waits for every result: dispatch returns at once and the
+    next chunk solves while the host certifies and writes the current one. The outputs'
+    non-array parts (network classes and static fields) are recorded at trace time and put
+    back."""
     static = []
 
     def chunk(alphas, shapes, seeds, etas, X, y):
@@ -88,13 +92,19 @@ def _chunk_solver(one):
         return dynamic
 
     jitted = jax.jit(chunk)
+    executables = {}  # argument signature (shape, dtype, sharding) -> compiled chunk
 
-    def solve(*args):
-        dynamic = jitted(*args)
-        return eqx.combine(dynamic, static[0])
+    def solve(*args, on_lowered=None):
+        key = tuple((a.shape, a.dtype, a.sharding) for a in args)
+        if key not in executables:
+            lowered = jitted.lower(*args)
+            if on_lowered is not None:
+                on_lowered()
+            executables[key] = lowered.compile()
+        return eqx.combine(executables[key](*args), static[0])
 
     solve.lower = jitted.lower  # the compiled program, for inspection (tests: no host callback)
-    solve.cache_size = jitted._cache_size  # compiled versions (tests: no recompilation)
+    solve.cache_size = lambda: len(executables)  # compiled versions (tests: no recompilation)
     return solve
 
 
@@ -313,7 +323,7 @@ def sweep(
         s = jax.device_put(jnp.asarray([shapes[p[1]] for p in pad]), sharding)
         k = jax.device_put(jnp.asarray([seeds[p[2]] for p in pad]), sharding)
         e = jax.device_put(jnp.asarray([etas[p[3]] for p in pad]), sharding)
-        launched = pts, solve_chunk(a, s, k, e, X_dev, y_dev)
+        launched = pts, solve_chunk(a, s, k, e, X_dev, y_dev, on_lowered=warm if c0 == starts[0] else None)
         if c0 == starts[0]:
             # Once the first chunk is compiled and running, the worker imports what the chunk
             # files and the dataset need (xarray, h5netcdf: ~0.5 s) while this thread waits on XLA.
@@ -329,6 +339,15 @@ def sweep(
         from ._certify import stationarity_projector
 
         projector = stationarity_projector(X)  # one SVD of X for every chunk's KKT multipliers
+
+    def warm():
+        # The first chunk is traced; while XLA compiles it (~2 s, about one core of two busy, the
+        # GIL released), the worker compiles the certificates' programs.
+        if certify:
+            p0 = todo[0]
+            worker.submit(_compile_certificates, min(chunk_size, len(todo)), net, d, alphas[p0[0]], shapes[p0[1]],
+                          seeds[p0[2]], dict(depth=depth, width=width, slope=slope), X, y, projector)
+
     pending = dispatch(starts[0]) if starts else None
     for i in range(len(starts)):
         pts, (pred, loss, steps, t_end, drift, result, nets, nets0, extra) = pending
@@ -401,6 +420,22 @@ def _import_writer_modules():
         import xarray  # noqa: F401
     except ImportError:
         pass  # reported by the first chunk write
+
+
+def _compile_certificates(n, net, d, alpha, shape, seed, net_kwargs, X, y, projector):
+    """Certify n copies of a dummy limit (w = 0) from one of the sweep's initialisations and
+    discard them, so that the certificates' programs (dual Newton and the batched mirror map:
+    ~0.6 s of XLA compilation alone, ~1.3 s when it ran beside the solves) are compiled for
+    the shapes the chunks will bring while the first chunk itself compiles."""
+    from ._certify import certify_batch
+
+    init = jax.jit(lambda: init_by_name(net, d, float(alpha), float(shape), key=jax.random.PRNGKey(int(seed)),
+                                        **net_kwargs))()
+    init = jax.tree_util.tree_map(lambda x: np.asarray(x) if eqx.is_array(x) else x, init)
+    try:
+        certify_batch(np.zeros((n, d)), ["converged"] * n, [0.0] * n, [init] * n, X, y, projector=projector)
+    except Exception:  # noqa: BLE001 - a warm-up only: the chunks' own certificates raise it where it counts
+        pass
 
 
 def _finish_chunk(pts, rows, initials, X, y, projector, path):
