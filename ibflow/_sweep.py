@@ -355,9 +355,9 @@ def sweep(
         pred, loss, steps, t_end, drift = (np.asarray(v) for v in (pred, loss, steps, t_end, drift))
         extra = {f: np.asarray(v) for f, v in extra.items()}
         words = status_words(result)
-        nets0 = jax.tree_util.tree_map(lambda x: np.asarray(x) if eqx.is_array(x) else x, nets0)
+        nets0 = _on_host(nets0)
         if X_test is not None:
-            nets = jax.tree_util.tree_map(lambda x: np.asarray(x) if eqx.is_array(x) else x, nets)
+            nets = _on_host(nets)
         now = time.perf_counter()
         elapsed, t_prev = now - t_prev, now
         # The next chunk is dispatched (asynchronously) before this one is certified and
@@ -413,6 +413,11 @@ _SCALARS = ("train_loss", "num_steps", "t_end", "invariant_drift", "seconds", "t
 _FLAGS = ("passed", "applicable")
 
 
+def _on_host(tree):
+    """`tree` with its arrays as NumPy arrays (networks taken apart point by point on the host)."""
+    return jax.tree_util.tree_map(lambda x: np.asarray(x) if eqx.is_array(x) else x, tree)
+
+
 def _import_writer_modules():
     try:
         import h5netcdf  # noqa: F401
@@ -431,7 +436,7 @@ def _compile_certificates(n, net, d, alpha, shape, seed, net_kwargs, X, y, proje
 
     init = jax.jit(lambda: init_by_name(net, d, float(alpha), float(shape), key=jax.random.PRNGKey(int(seed)),
                                         **net_kwargs))()
-    init = jax.tree_util.tree_map(lambda x: np.asarray(x) if eqx.is_array(x) else x, init)
+    init = _on_host(init)
     try:
         certify_batch(np.zeros((n, d)), ["converged"] * n, [0.0] * n, [init] * n, X, y, projector=projector)
     except Exception:  # noqa: BLE001 - a warm-up only: the chunks' own certificates raise it where it counts
@@ -449,7 +454,7 @@ def _finish_chunk(pts, rows, initials, X, y, projector, path):
         for row, cert in zip(rows, certs):
             row.update({f: getattr(cert, f) for f in CERT_FIELDS})
     if path is not None:
-        _write_chunk(path, pts, [dict(r) for r in rows])
+        _write_chunk(path, pts, rows)
 
 
 def _write_chunk(path, pts, rows):
