@@ -51,6 +51,14 @@ class AbstractNetwork(eqx.Module):
         O(N²d) instead of through the N×P output Jacobian."""
         return None
 
+    def predictor_rounding_scale(self) -> Float[Array, " d"]:
+        """Per coordinate, the size of the terms whose signed sum is w̃: evaluating w̃ in
+        floating point errs by about ε times it (ε: machine epsilon). Default `|w̃|`;
+        networks whose predictor is a difference of two branches override it, since at a
+        large initialisation scale the branches are large and nearly cancel. Used for the
+        rounding floor of a reduced-mode flow's limit (`ReducedFlowProblem.evaluation_floor`)."""
+        return jnp.abs(self.predictor())
+
     def flow_map(self) -> Callable[[Float[Array, " d"]], "AbstractNetwork"] | None:
         """The gradient flow in closed form given its driving signal, when one exists, else None.
 
@@ -161,6 +169,13 @@ class DiagonalNet(AbstractNetwork):
                        for l in range(L))
         return branch(self.plus) + branch(self.minus)
 
+    def predictor_rounding_scale(self):
+        # Per branch Π_l |a_l| ≤ (Σ_l a_l² / L)^{L/2} (AM-GM). For L = 2 this is (u² + v²)/2, which
+        # also bounds the rounding of uv when u and v come from the depth-2 flow map as differences
+        # of exponentials: |δ(uv)| ≲ ε(u² + v²) (an error εmax(|u|, |v|)·√2 in each factor).
+        L = self.depth
+        return sum((jnp.sum(A**2, axis=0) / L) ** (L / 2) for A in (self.plus, self.minus))
+
     def flow_map(self):
         """Depth 2 only. Positive branch `(u, v)`: `u̇ = −g v`, `v̇ = −g u`, so
         `u ± v = (u₀ ± v₀) e^{∓z}`; negative branch `(p, q)` (w̃ ∋ −pq): `p ± q = (p₀ ± q₀) e^{±z}`
@@ -220,6 +235,9 @@ class TiedDiagonalNet(AbstractNetwork):
     def predictor_kernel_diagonal(self):
         L = self.depth
         return (L * self.plus ** (L - 1)) ** 2 + (L * self.minus ** (L - 1)) ** 2
+
+    def predictor_rounding_scale(self):
+        return jnp.abs(self.plus) ** self.depth + jnp.abs(self.minus) ** self.depth
 
     def flow_map(self):
         """Depth 2 only: `ẇ₊ = −2g w₊`, `ẇ₋ = 2g w₋`, so `w₊ = w₊(0) e^{−2z}`, `w₋ = w₋(0) e^{2z}`

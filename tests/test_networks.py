@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import ibflow as ib
-from helpers import problem, rel
+from helpers import CATALOGUE, problem, rel
 
 
 def _direct_conv_outputs(kernels, X):
@@ -87,3 +87,18 @@ def test_leaky_relu_outputs():
     X = np.array([[1.0, 0.0], [0.0, 1.0]])
     np.testing.assert_allclose(net.outputs(X), [-1.5 * 1.0, -1.5 * 0.1 * -2.0])
     assert rel(net.predictor(), [-1.5, 3.0]) == 0
+
+
+@pytest.mark.parametrize("name", sorted(CATALOGUE))
+def test_predictor_rounding_scale_bounds_the_terms(name):
+    """`predictor_rounding_scale` is the size of the terms whose signed sum is w̃: at least |w̃|
+    (triangle inequality), and for two-branch nets at least |branch₊| + |branch₋|."""
+    net = CATALOGUE[name]()
+    m = np.asarray(net.predictor_rounding_scale())
+    assert m.shape == (net.dim,) and np.all(np.isfinite(m))
+    assert np.all(m >= np.abs(np.asarray(net.predictor())) * (1 - 1e-14))
+    if isinstance(net, ib.DiagonalNet):
+        terms = np.abs(np.prod(np.asarray(net.plus), 0)) + np.abs(np.prod(np.asarray(net.minus), 0))
+        assert np.all(m >= terms * (1 - 1e-14))
+    if isinstance(net, ib.TiedDiagonalNet):
+        np.testing.assert_allclose(m, np.abs(net.plus) ** net.depth + np.abs(net.minus) ** net.depth)

@@ -203,3 +203,51 @@ def test_resolved_time_ends_a_stalled_integration(monkeypatch):
     stalled = ib.gradient_flow(net, D["X"], D["y"], throw=False, max_steps=400, loss_rtol=1e-30)
     assert stalled.status == "max_steps" and float(stalled.t_end) > 1e60
     jax.clear_caches()
+
+
+def test_end_game_iterates_the_kernel_jump_on_a_square_X(monkeypatch):
+    """d = N: the interpolant is unique, `X⁻¹y`, whatever the potential (a closed form). At a
+    small α the integration stops at its noise floor farther from the limit than one kernel
+    jump can close; `end_game`'s further jumps (Newton's iteration) reach the target and
+    `X⁻¹y` to 1e-12. With one jump only, the status says that the target was missed."""
+    from ibflow import _flow
+
+    D = ib.sparse_regression(num_samples=40, dim=40, seed=1)
+    X, y = D["X"], D["y"]
+    w_exact = np.linalg.solve(X, y)
+    net = ib.diagonal_init(1e-4, 0.0, 40)
+    sol = ib.gradient_flow(net, X, y, throw=False)
+    assert sol.status == "converged" and float(sol.loss) <= float(sol.loss_target)
+    assert rel(sol.predictor, w_exact) < 1e-12
+    monkeypatch.setattr(_flow, "_MAX_JUMPS", 1)
+    jax.clear_caches()
+    one = ib.gradient_flow(net, X, y, throw=False)
+    jax.clear_caches()
+    assert one.status == "not_converged" and float(one.loss) > 1e3 * float(sol.loss_target)
+    assert rel(one.predictor, w_exact) > 100 * rel(sol.predictor, w_exact)
+
+
+def test_a_target_below_the_rounding_floor_is_replaced_by_it(monkeypatch):
+    """α = 10, s = 0.995: the two branches of w̃ are ~α²/(1 − s²) and cancel to |w̃| ~ 0.1, so
+    float64 cannot resolve the relative loss target 1e-24·L(0) at the limit. The status is
+    decided against `evaluation_floor` instead (reported as `loss_target`); the limit is the
+    dual-Newton minimiser. The floor is the arithmetic's: with it removed, `end_game`'s four
+    Newton jumps still leave the loss above the strict target, at the same limit, and the
+    loss reached lies within a factor 1000 below the floor."""
+    from ibflow import _flow
+
+    D = ib.sparse_regression(num_samples=30, dim=100, seed=1)
+    X, y = D["X"], D["y"]
+    net = ib.diagonal_init(10.0, 0.995, 100)
+    sol = ib.gradient_flow(net, X, y, throw=False)
+    strict = 1e-24 * float(sol.loss0)
+    assert sol.status == "converged"
+    assert float(sol.loss_target) > 100 * strict
+    assert 1e-3 * float(sol.loss_target) < float(sol.loss) <= float(sol.loss_target)
+    assert rel(sol.predictor, ib.dual_newton(ib.implicit_potential(net), X, y).w) < 1e-10
+    monkeypatch.setattr(_flow.ReducedFlowProblem, "evaluation_floor", lambda self, a: jnp.zeros((), a.dtype))
+    jax.clear_caches()
+    floorless = ib.gradient_flow(net, X, y, throw=False)
+    jax.clear_caches()
+    assert floorless.status == "not_converged" and float(floorless.loss) > strict
+    assert rel(floorless.predictor, sol.predictor) < 1e-10
