@@ -84,6 +84,20 @@ def test_dual_newton_tiny_alpha_and_l1_limit():
     assert excess[2] < 1e-2
 
 
+def test_dual_newton_on_a_square_X_stops_at_its_rounding_floor():
+    """d = N = 100 (cond(X) ≈ 530): the constraint set is one point, `X⁻¹y` (a closed form).
+    At a small α the dual variable is large and rounding of Xᵀν keeps the residual near 1e-12,
+    above 10·tol; the solve stops there (it ran all 200 iterations before) and reports
+    convergence, with the minimiser right to 1e-10."""
+    D = ib.sparse_regression(num_samples=100, dim=100, seed=4)
+    X, y = D["X"], D["y"]
+    w_exact = np.linalg.solve(X, y)
+    for net in (ib.diagonal_init(1e-6, 0.0, 100), ib.tied_diagonal_init(4.3e-6, 100)):
+        ref = ib.dual_newton(ib.implicit_potential(net), X, y)
+        assert bool(ref.converged) and int(ref.iterations) < 50
+        assert rel(ref.w, w_exact) < 1e-10
+
+
 def test_large_alpha_ntk_limit():
     # k → ∞: the Thm 4.1 minimiser tends to the tangent-kernel (here plain ℓ2) solution.
     X, y = problem(seed=6)
