@@ -38,8 +38,9 @@ def dual_newton(potential: AbstractPotential, X, y, *, tol: float = 1e-13, max_i
 
     Stops when the relative primal residual r is at most `tol`, or when below `1e3·tol` a step
     no longer halves it, and reports `converged` for `r ≤ max(10·tol, 4·floor(ν))`.
-    `floor(ν)` is the residual that float64 rounding alone puts into `Xφ⁻¹(Xᵀν) − y` (RMS model): z = Xᵀν errs by
-    `ε(Σ_n X_nj² ν_n²)^{1/2}` in coordinate j, moving w by Dφ⁻¹ times that, and w itself by ε|w|.
+    `floor(ν)` is the residual that float64 rounding alone puts into `Xφ⁻¹(Xᵀν) − y` (an RMS
+    model): z = Xᵀν errs by `ε(Σ_n X_nj² ν_n²)^{1/2}` in coordinate j, moving w by Dφ⁻¹ times
+    that (the jvp along that error for a non-separable potential), and w itself errs by ε|w|.
     Where the dual variable is large (a square, ill-conditioned X: d = N = 100, cond 530, small
     α) Newton stalls at 0.8-1.1 times it, ~8e-13, above 10·tol; on the Azulay §9 problem
     (d = 1000, N = 100) it is 2e-16 to 1e-15, below tol, and changes nothing."""
