@@ -134,7 +134,8 @@ class ReducedFlowProblem(eqx.Module):
         α from 1e-6 to 10, s up to 0.995): repeated `kernel_jump`s stall at 0.005-0.9 times
         the returned value, and at up to 3e-23 where the relative target 1e-24·L(0) is 4.5e-25.
         `gradient_flow` counts a reduced flow as converged when its loss reaches
-        `max(target, evaluation_floor)` and reports that level as `loss_target`."""
+        `max(target, evaluation_floor)`, the floor taken where the integration stopped
+        (`end_game`), and reports that level as `loss_target`."""
         net = self.network(a)
         m, k = net.predictor_rounding_scale(), net.predictor_kernel_diagonal()
         eps = jnp.finfo(a.dtype).eps
@@ -169,10 +170,14 @@ class ReducedFlowProblem(eqx.Module):
         """The end-game once the integration has stopped at a (`jump`: the stopping event fired):
         one `kernel_jump`, then further ones (Newton's iteration on the same concave function)
         while the loss is above `max(target, evaluation_floor)` and each lowers it, at most
-        `_MAX_JUMPS` in all. One jump is enough on the Azulay §9 problem (d = 1000, N = 100);
+        `_MAX_JUMPS` in all. Returns the final state and that loss level (the floor evaluated
+        once, at a: the jumps move the state by 1e-9 … 1e-5 relative, and the floor is an
+        estimate to a factor of 100 anyway; inside the loop it added ~0.3 s of compilation). One jump is enough on the Azulay §9 problem (d = 1000, N = 100);
         with a square X (d = N = 100, cond 530, α ≤ 1e-3) the integration stops at a loss set
         by its noise floor, and the first jump left the loss ~1e-18 at the sweep's rtol 1e-4
         and ~1e-14 at the default 1e-10: limits 1e-9 and 2e-7 off `X⁻¹y`, the exact one."""
+
+        target = jnp.maximum(self.target, self.evaluation_floor(a))
 
         def cond(carry):
             return carry[3]
@@ -183,10 +188,10 @@ class ReducedFlowProblem(eqx.Module):
             loss_new = self.loss_value(a_new)
             accept = (it == 0) | (loss_new < loss)
             a, loss = jnp.where(accept, a_new, a), jnp.where(accept, loss_new, loss)
-            more = accept & (loss > jnp.maximum(self.target, self.evaluation_floor(a))) & (it + 1 < _MAX_JUMPS)
-            return a, loss, it + 1, more
+            return a, loss, it + 1, accept & (loss > target) & (it + 1 < _MAX_JUMPS)
 
-        return jax.lax.while_loop(cond, body, (a, self.loss_value(a), 0, jump))[0]
+        inf = jnp.asarray(jnp.inf, a.dtype)
+        return jax.lax.while_loop(cond, body, (a, inf, 0, jump))[0], target
 
 
 _MAX_JUMPS = 4  # kernel_jump steps of `ReducedFlowProblem.end_game`
@@ -445,12 +450,11 @@ def _gradient_flow(net, X, y, loss, solver, rtol, atol, loss_rtol, t_max, dt0, m
         # End-game: once integration has reached the stop level (the event fired), finish with
         # the linearised flow's limit; status then requires the target (or the rounding floor) below.
         w_before = problem.network(final_state).predictor()
-        final_state = problem.end_game(final_state, sol.result == dfx.RESULTS.event_occurred)
+        # A target below what float64 can resolve at the limit is replaced by that floor.
+        final_state, target = problem.end_game(final_state, sol.result == dfx.RESULTS.event_occurred)
         final = problem.network(final_state)
         end_jump = jnp.linalg.norm(final.predictor() - w_before) / jnp.maximum(jnp.linalg.norm(w_before), 1e-300)
         final_params = eqx.filter(final, net.trainable())
-        # A target below what float64 can resolve at the limit is replaced by that floor.
-        target = jnp.maximum(target, problem.evaluation_floor(final_state))
     else:
         final_params = final_state
         final = eqx.combine(final_params, frozen)
