@@ -172,10 +172,11 @@ class ReducedFlowProblem(eqx.Module):
         while the loss is above `max(target, evaluation_floor)` and each lowers it, at most
         `_MAX_JUMPS` in all. Returns the final state and that loss level (the floor evaluated
         once, at a: the jumps move the state by 1e-9 … 1e-5 relative, and the floor is an
-        estimate to a factor of 100 anyway; inside the loop it added ~0.3 s of compilation). One jump is enough on the Azulay §9 problem (d = 1000, N = 100);
-        with a square X (d = N = 100, cond 530, α ≤ 1e-3) the integration stops at a loss set
-        by its noise floor, and the first jump left the loss ~1e-18 at the sweep's rtol 1e-4
-        and ~1e-14 at the default 1e-10: limits 1e-9 and 2e-7 off `X⁻¹y`, the exact one."""
+        estimate to a factor of 100 anyway; inside the loop it added 0.3-0.4 s of compilation).
+        One jump is enough on the Azulay §9 problem (d = 1000, N = 100); with a square X
+        (d = N = 100, cond 530, α ≤ 1e-3) the integration stops at a loss set by its noise
+        floor, and the first jump left the loss ~1e-18 at the sweep's rtol 1e-4 and ~1e-14 at
+        the default 1e-10: limits 1e-9 and 2e-7 off `X⁻¹y`, the exact one."""
 
         target = jnp.maximum(self.target, self.evaluation_floor(a))
 
