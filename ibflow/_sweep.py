@@ -253,7 +253,8 @@ def sweep(
             # same largest error at each rtol (1.2e-13 ... 7.6e-13), 26-28 % fewer steps at 1e-4
             # than at 1e-6. Wider grids (α 1e-6 ... 10, s -0.9 ... 0.995, 7 data sets, 3 nets):
             # 44 points not converged at 1e-4 against 59 at 1e-6, each a strict loss target below
-            # the float64 floor, the same kind at both. `t_end`, the time the stopping event was
+            # the float64 floor, the same kind at both; none since the floor-aware target and the
+            # repeated end-game jumps (`ReducedFlowProblem.end_game`). `t_end`, the time the stopping event was
             # detected in the last, geometrically growing steps, is not a path quantity at any of
             # these rtol (it moved by 3x between 1e-8 and 1e-6).
             flow_kwargs.update(rtol=REDUCED_RTOL, atol=REDUCED_ATOL)
@@ -375,12 +376,11 @@ def sweep(
         if X_test is not None or w_star is not None:
             for b, row in enumerate(rows):
                 if X_test is not None:
-                    netb = jax.tree_util.tree_map(lambda x: x[b] if eqx.is_array(x) else x, nets)
+                    netb = _member(nets, b)
                     row["test_error"] = float(np.mean((np.asarray(netb.outputs(jnp.asarray(X_test))) - y_test) ** 2))
                 if w_star is not None:
                     row["population_error"] = float(np.sum((row["predictor"] - np.asarray(w_star)) ** 2))
-        initials = ([jax.tree_util.tree_map(lambda x: x[b] if eqx.is_array(x) else x, nets0) for b in range(len(pts))]
-                    if certify else None)
+        initials = [_member(nets0, b) for b in range(len(pts))] if certify else None
         path = None
         if out is not None:
             path = os.path.join(out, "chunks", f"chunk-{next_chunk:05d}.nc")
@@ -416,6 +416,11 @@ _FLAGS = ("passed", "applicable")
 def _on_host(tree):
     """`tree` with its arrays as NumPy arrays (networks taken apart point by point on the host)."""
     return jax.tree_util.tree_map(lambda x: np.asarray(x) if eqx.is_array(x) else x, tree)
+
+
+def _member(tree, b):
+    """Point b of a chunk's batched `tree` (every array indexed along its first axis)."""
+    return jax.tree_util.tree_map(lambda x: x[b] if eqx.is_array(x) else x, tree)
 
 
 def _import_writer_modules():
