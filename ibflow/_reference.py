@@ -50,11 +50,9 @@ def dual_newton(potential: AbstractPotential, X, y, *, tol: float = 1e-13, max_i
     eps = jnp.finfo(X.dtype).eps
     X2 = X**2
 
-    def floor(nu):
-        v = X.T @ nu
+    def floor(nu, v, w):  # v = Xᵀν, w = φ⁻¹(v)
         dz = eps * jnp.sqrt(X2.T @ nu**2)
         dw = jnp.abs(potential.inverse_mirror_jvp(v, dz))
-        w = potential.inverse_mirror(v)
         return jnp.linalg.norm(jnp.sqrt(X2 @ (dw**2 + (eps * w) ** 2) + (eps * y) ** 2)) / ynorm
 
     def grad(nu):
@@ -106,9 +104,10 @@ def dual_newton(potential: AbstractPotential, X, y, *, tol: float = 1e-13, max_i
 
     nu0 = jnp.zeros(X.shape[0], X.dtype)
     nu, g, it, _ = jax.lax.while_loop(cond, body, (nu0, grad(nu0), 0, jnp.asarray(jnp.inf, X.dtype)))
-    w = potential.inverse_mirror(X.T @ nu)
+    v = X.T @ nu
+    w = potential.inverse_mirror(v)
     res = jnp.linalg.norm(X @ w - y) / ynorm
-    return ReferenceSolution(w, nu, res, it, res <= jnp.maximum(10 * tol, 4 * floor(nu)))
+    return ReferenceSolution(w, nu, res, it, res <= jnp.maximum(10 * tol, 4 * floor(nu, v, w)))
 
 
 def min_l1(X, y):
