@@ -224,19 +224,25 @@ class TiedDiagonal(AbstractPotential):
         return _bisect(self.inverse_mirror, w, lo, hi)
 
 
+def _layer_vf(t, a, v):
+    L = a.shape[0]
+    return v * jnp.stack([jnp.prod(jnp.delete(a, l, assume_unique_indices=True)) for l in range(L)])
+
+
+@jax.jit
 def _layer_flow(a0, v):
     """Per-coordinate layer dynamics `da_l/dG = Π_{m≠l} a_m` from `a0` (shape (L, d)) up to
     `G = v` (shape (d,)), integrated with diffrax (Dopri8, rtol 1e-13) in the rescaled
     time τ = G/v ∈ [0, 1], one coordinate at a time (vmapped). Returns `a(v)`, shape
-    (L, d); NaN in a coordinate whose layers blow up before G = v."""
+    (L, d); NaN in a coordinate whose layers blow up before G = v.
 
-    def vf(t, a, v):
-        L = a.shape[0]
-        return v * jnp.stack([jnp.prod(jnp.delete(a, l, assume_unique_indices=True)) for l in range(L)])
+    Jitted, with the vector field at module level, so that eager calls (a potential used
+    outside `jit`) reuse one compiled solve per shape instead of tracing and compiling a
+    fresh closure each time (2.2 s a call at L = 3, d = 12)."""
 
     def one(a0i, vi):
         sol = dfx.diffeqsolve(
-            dfx.ODETerm(vf), dfx.Dopri8(), 0.0, 1.0, 0.05, a0i, args=vi,
+            dfx.ODETerm(_layer_vf), dfx.Dopri8(), 0.0, 1.0, 0.05, a0i, args=vi,
             stepsize_controller=dfx.PIDController(rtol=1e-13, atol=1e-15),
             max_steps=2048, throw=False,
         )
@@ -266,25 +272,34 @@ class DeepDiagonal(AbstractPotential):
     plus: Float[Array, "L d"]
     minus: Float[Array, "L d"]
 
+    def _branches(self, v):
+        """Both branches' layers evolved to `G = v` (plus) and `G = −v` (minus), as one
+        vmapped solve over the 2d coordinates (one compiled ODE solve instead of two)."""
+        d = v.shape[-1]
+        a = _layer_flow(jnp.concatenate([self.plus, self.minus], axis=1), jnp.concatenate([v, -v]))
+        return a[:, :d], a[:, d:]
+
     def inverse_mirror(self, v):
-        ap = _layer_flow(self.plus, v)
-        am = _layer_flow(self.minus, -v)
+        ap, am = self._branches(v)
         return jnp.prod(ap, axis=0) - jnp.prod(am, axis=0)
 
     def inverse_mirror_jvp(self, v, dv):
         # dρ^±/dG = Σ_l Π_{m≠l} a_m²: the per-coordinate tangent kernel of the evolved layers.
-        evolved = DiagonalNet(_layer_flow(self.plus, v), _layer_flow(self.minus, -v))
-        return evolved.predictor_kernel_diagonal() * dv
+        return DiagonalNet(*self._branches(v)).predictor_kernel_diagonal() * dv
 
+    @eqx.filter_jit
     def mirror(self, w):
         # Safeguarded Newton on v ↦ φ⁻¹(v) − w (increasing; derivative = tangent kernel),
-        # falling back to bisection whenever a Newton step leaves the bracket.
+        # falling back to bisection whenever a Newton step leaves the bracket. One layer
+        # solve per iteration gives both the value and the derivative; jitted, so that an
+        # eager call does not compile its loop again.
         lo, hi = self._range()
 
         def body(_, state):
             v, lo, hi = state
-            f = self.inverse_mirror(v) - w
-            df = self.inverse_mirror_jvp(v, jnp.ones_like(v))
+            ap, am = self._branches(v)
+            f = jnp.prod(ap, axis=0) - jnp.prod(am, axis=0) - w
+            df = DiagonalNet(ap, am).predictor_kernel_diagonal()
             up = jnp.where(jnp.isfinite(f), f < 0, v < 0)
             lo, hi = jnp.where(up, v, lo), jnp.where(up, hi, v)
             vn = v - f / df
