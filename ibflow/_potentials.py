@@ -219,6 +219,7 @@ class TiedDiagonal(AbstractPotential):
         out = jnp.where(ok, jnp.where(ok, bp, 1.0) ** e - jnp.where(ok, bm, 1.0) ** e, jnp.nan)
         return jnp.where(ok, out, jnp.where(bp <= 0, jnp.inf, -jnp.inf))
 
+    @eqx.filter_jit  # an eager call compiles the bisection loop once, not on every call
     def mirror(self, w):
         lo, hi = self._range()
         return _bisect(self.inverse_mirror, w, lo, hi)
