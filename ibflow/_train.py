@@ -98,8 +98,11 @@ def tridiagonal_extreme_eigenvalues(diag, offdiag, iters: int = 110):
     return top, bottom
 
 
+@eqx.filter_jit
 def sharpness(net: AbstractNetwork, X, y, *, loss: AbstractLoss = SquareLoss(), key=None, num_iters: int = 30):
-    """`λ_max(∇²_θ L)` at `net` by Lanczos on Hessian-vector products."""
+    """`λ_max(∇²_θ L)` at `net` by Lanczos on Hessian-vector products. Jitted: an eager call
+    with new values of the same shapes reuses the compiled program (the Hessian-vector
+    closure made here would otherwise be compiled again on every call)."""
     params, frozen = eqx.partition(net, net.trainable())
     flat, unravel = ravel_pytree(params)
     f = lambda v: loss(eqx.combine(unravel(v), frozen).outputs(X), y)

@@ -5,6 +5,8 @@ Each catalogue case is (name, network factory, label factory): small problems
 potential + dual Newton solve), used across the flow, certificate and CLI tests.
 """
 
+import contextlib
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -27,6 +29,22 @@ def tree_allclose(a, b, rtol=1e-10, atol=1e-12):
 def rel(a, b):
     a, b = np.asarray(a), np.asarray(b)
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-300))
+
+
+@contextlib.contextmanager
+def count_compiles():
+    """Collects one entry per XLA backend compilation made inside the block (`jax.monitoring`)."""
+    compiles = []
+
+    def listener(event, seconds, **kwargs):
+        if event.endswith("backend_compile_duration"):
+            compiles.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        yield compiles
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
 
 
 def problem(seed=0, N=5, d=12):

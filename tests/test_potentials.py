@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import ibflow as ib
-from helpers import CATALOGUE, problem, rel, catalogue_params
+from helpers import CATALOGUE, catalogue_params, count_compiles, problem, rel
 
 RNG = np.random.default_rng(11)
 W = jnp.asarray(RNG.standard_normal(12) * 0.7)
@@ -38,14 +38,9 @@ def test_eager_maps_compile_once(name):
     pot = POTS[name]
     v = jnp.asarray(np.random.default_rng(2).standard_normal(12) * 0.1)
     pot.mirror(pot.inverse_mirror(v))  # compiles
-    compiles = []
-    listener = lambda event, seconds, **kw: compiles.append(event) if event.endswith("backend_compile_duration") else None
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
+    with count_compiles() as compiles:
         w = pot.inverse_mirror(0.5 * v)
         back = pot.mirror(w)
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
     assert compiles == [], f"{len(compiles)} compilations on the second call"
     np.testing.assert_allclose(back, 0.5 * v, rtol=1e-8, atol=1e-10)
 

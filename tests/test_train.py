@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import rel
+from helpers import count_compiles, rel
 from jax.flatten_util import ravel_pytree
 
 import ibflow as ib
@@ -50,6 +50,13 @@ def test_lanczos_matches_dense_hessian(make, getkey):
     dense = _dense_top(net, X, y)
     lanczos = float(sharpness(net, X, y, num_iters=60))
     assert abs(lanczos - dense) <= 1e-8 * max(1.0, abs(dense))
+    # Eager again at another point (new values, same shapes): nothing is compiled again.
+    net2 = eqx.combine(jax.tree_util.tree_map(lambda a: 0.8 * a, params), frozen)
+    dense2 = _dense_top(net2, X, y)
+    with count_compiles() as compiles:
+        lanczos2 = float(sharpness(net2, X, y, num_iters=60))
+    assert compiles == []
+    assert abs(lanczos2 - dense2) <= 1e-8 * max(1.0, abs(dense2))
 
 
 def test_lanczos_on_a_known_spectrum():
