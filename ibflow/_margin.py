@@ -278,8 +278,15 @@ def max_margin(geometry: MarginGeometry, X, y, *, start=None, max_iter: int = 20
 
     Returns `(beta, multipliers, ok)` with β in the original coordinates.
     """
+    if not isinstance(geometry, MarginGeometry):
+        raise TypeError(f"max_margin takes a MarginGeometry first (see margin_geometry(net)), got "
+                        f"{type(geometry).__name__}")
     X = np.asarray(X, float)
     y = np.asarray(y, float)
+    if X.ndim != 2 or y.shape != (X.shape[0],):
+        raise ValueError(f"X must be (N, d) and y (N,), got {X.shape} and {y.shape}")
+    if X.shape[1] != geometry.T.shape[1]:
+        raise ValueError(f"X has d = {X.shape[1]} columns but the geometry is for d = {geometry.T.shape[1]}")
     T = geometry.T
     M = (y[:, None] * X) @ T.T  # constraints in ρ: M ρ ≥ 1
     q = geometry.q

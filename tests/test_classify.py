@@ -169,6 +169,14 @@ def test_margin_certificate_negative_controls():
         ib.check_separable(Xb, yb)
     with pytest.raises(ib.NotSeparableError):
         ib.certify_margin(sol, Xb, yb, initial=diag)
+    # Misuse of the reference solver: clear errors, not an IndexError from inside.
+    g = margin_geometry(diag)
+    with pytest.raises(TypeError, match="MarginGeometry"):
+        max_margin(X8, y8, 2)
+    with pytest.raises(ValueError, match="columns"):
+        max_margin(g, X8[:, :4], y8)
+    with pytest.raises(ValueError, match="y"):
+        max_margin(g, X8, y8[:-1])
 
 
 def test_margin_flow_vmap_matches_single_runs():
