@@ -220,6 +220,11 @@ def sweep(
     alphas = np.asarray(alphas, dtype=float).ravel()
     shapes = np.asarray(shapes, dtype=float).ravel()
     seeds = np.asarray(seeds, dtype=np.int64).ravel()
+    for axis, values in (("alphas", alphas), ("shapes", shapes), ("seeds", seeds)):
+        if values.size == 0:
+            raise ValueError(f"{axis} is empty: a sweep needs at least one value on every axis")
+    if chunk_size is not None and (int(chunk_size) != chunk_size or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
     if np.any(~np.isfinite(alphas)) or np.any(alphas <= 0):
         raise ValueError("every alpha must be finite and > 0")
     if np.any(~np.isfinite(shapes)) or np.any(np.abs(shapes) >= 1):

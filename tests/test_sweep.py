@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -9,6 +10,7 @@ import pytest
 import xarray as xr
 
 import ibflow as ib
+from helpers import problem
 from ibflow._cli import main
 
 
@@ -125,6 +127,20 @@ def test_sweep_bad_input(data, tmp_path, capsys, bad, needle):
     args[i + 1] = bad[1]
     assert main(args) == 2
     assert needle in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kwargs, needle", [
+    (dict(alphas=[]), "alphas is empty"), (dict(shapes=[]), "shapes is empty"), (dict(seeds=[]), "seeds is empty"),
+    (dict(alphas=[0.1, 0.0]), "> 0"), (dict(alphas=[np.nan]), "> 0"), (dict(shapes=[0.0, -1.0]), "|s| < 1"),
+    (dict(chunk_size=0), "chunk_size"), (dict(chunk_size=2.5), "chunk_size"),
+])
+def test_sweep_api_refuses_bad_grids(kwargs, needle):
+    """Checked on the host before anything is compiled: a clear ValueError, never an empty or
+    silently adjusted grid."""
+    X, y = problem()
+    grid = dict(alphas=[0.1], shapes=[0.0]) | kwargs
+    with pytest.raises(ValueError, match=re.escape(needle)):
+        ib.sweep(X, y, progress=False, **grid)
 
 
 def test_sharded_over_four_host_devices(data, tmp_path):
