@@ -274,11 +274,11 @@ class DeepDiagonal(AbstractPotential):
     minus: Float[Array, "L d"]
 
     def _branches(self, v):
-        """Both branches' layers evolved to `G = v` (plus) and `G = −v` (minus), as one
-        vmapped solve over the 2d coordinates (one compiled ODE solve instead of two)."""
-        d = v.shape[-1]
-        a = _layer_flow(jnp.concatenate([self.plus, self.minus], axis=1), jnp.concatenate([v, -v]))
-        return a[:, :d], a[:, d:]
+        """Both branches' layers evolved to `G = v` (plus) and `G = −v` (minus). Two solves of
+        the one compiled program: merged into one vmapped solve over 2d coordinates, the
+        branches would step in lock-step, each as long as the slower one (the warm dual Newton
+        of the depth-3 Azulay §9 problem took 4.1 s merged against 2.3 s apart)."""
+        return _layer_flow(self.plus, v), _layer_flow(self.minus, -v)
 
     def inverse_mirror(self, v):
         ap, am = self._branches(v)
