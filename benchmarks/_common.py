@@ -25,7 +25,8 @@ def problem(dim=1000, samples=100, seed=0):
 
 
 def reference(net, X, y):
-    """The exact limit (dual Newton on the Thm 4.1 / App. B potential) and its wall time."""
+    """The exact limit (dual Newton on the network's implicit potential: Thm 4.1 / App. B in closed
+    form for two layers, `DeepDiagonal` for deeper diagonal nets) and its wall time (second call)."""
     pot = ib.implicit_potential(net)
     ref = ib.dual_newton(pot, X, y)
     jax.block_until_ready(ref.w)
