@@ -320,8 +320,56 @@ def certify_batch(predictors, statuses, drifts, initials, X, y, *, tolerances: d
     y = np.asarray(y, dtype=float)
     W = np.asarray(predictors, dtype=float)
     pots = [implicit_potential(net) for net in initials]
+    groups, others = _kinds(pots, initials)
     certs: list[Certificate | None] = [None] * len(pots)
+    for b in others:  # no theorem (the certificate says why), or a potential with non-array fields
+        certs[b] = certify(_Row(statuses[b], drifts[b], W[b]), X, y, initial=initials[b], potential=pots[b]
+                           if isinstance(pots[b], AbstractPotential) else None, tolerances=tolerances)
+    for idx in groups:
+        grads, yts = (np.asarray(a) for a in _mirror_batch(_stack([pots[b] for b in idx]), jnp.asarray(W[idx]),
+                                                            jnp.asarray(y)))
+        nus, kkts = _stationarity(grads, X, projector)
+        for i, b in enumerate(idx):
+            refsol = dual_newton(pots[b], X, yts[i])
+            certs[b] = _verdict(pots[b].name, pots[b].source, statuses[b], W[b], X, yts[i], float(kkts[i]), nus[i],
+                                np.asarray(refsol.w), bool(refsol.converged), float(drifts[b]), tol)
+    return certs
+
+
+def warm_up_batch(initials, X, y, *, projector=None) -> None:
+    """Compile, for a batch of these initialisations, the programs `certify_batch` runs: the
+    batched mirror map at this batch size and the dual-Newton reference of each kind of
+    potential, lowered and compiled ahead of time (nothing is run; a later call with
+    arguments of the same shapes reuses them), and one `certify` on the dummy limit w = 0 for
+    points certified one by one. `sweep` calls it while its first chunk compiles.
+
+    Running `certify_batch` on dummies did the same, but it also ran the mirror map and one
+    reference a point. At depth 3 (`DeepDiagonal`: layer ODEs in every Newton iteration) that
+    took 3.1 s for the mirror map and 0.4 s for the references at d = 12, beside the solves;
+    at d = 1000 a reference alone takes ~2 s."""
+    del projector  # the multipliers are NumPy: nothing to compile
+    X = np.asarray(X, dtype=float)
+    y = np.asarray(y, dtype=float)
+    pots = [implicit_potential(net) for net in initials]
+    groups, others = _kinds(pots, initials)
+    w0 = np.zeros(X.shape[1])
+    if others:
+        b = others[0]
+        certify(_Row("converged", 0.0, w0), X, y, initial=initials[b],
+                potential=pots[b] if isinstance(pots[b], AbstractPotential) else None)
+    for idx in groups:
+        # The same argument types as certify_batch's calls (NumPy or JAX, shapes, dtypes).
+        _mirror_batch.lower(_stack([pots[b] for b in idx]), jnp.zeros((len(idx), X.shape[1])),
+                            jnp.asarray(y)).compile()
+        dual_newton.lower(pots[idx[0]], X, y).compile()
+
+
+def _kinds(pots, initials):
+    """`(groups, others)`: the indices of potentials of one kind (array leaves of equal
+    shapes: certified together), and those certified one by one (no theorem, or a potential
+    with non-array fields)."""
     groups: dict = {}
+    others = []
     for b, (pot, net) in enumerate(zip(pots, initials)):
         if isinstance(net, TensorNet) and net.factors is not None:
             raise ValueError("certify_batch takes predictors only: certify an orthogonally decomposable TensorNet "
@@ -329,19 +377,14 @@ def certify_batch(predictors, statuses, drifts, initials, X, y, *, tolerances: d
         if isinstance(pot, AbstractPotential) and all(eqx.is_array(a) for a in jax.tree_util.tree_leaves(pot)):
             leaves, treedef = jax.tree_util.tree_flatten(pot)
             groups.setdefault((treedef, tuple((a.shape, a.dtype) for a in leaves)), []).append(b)
-        else:  # no theorem (the certificate says why), or a potential with non-array fields
-            certs[b] = certify(_Row(statuses[b], drifts[b], W[b]), X, y, initial=net, potential=pot
-                               if isinstance(pot, AbstractPotential) else None, tolerances=tolerances)
-    for idx in groups.values():
-        # Stacked on the host: an eager jnp.stack compiles once per leaf shape (~0.25 s a sweep).
-        stacked = jax.tree_util.tree_map(lambda *a: np.stack([np.asarray(v) for v in a]), *[pots[b] for b in idx])
-        grads, yts = (np.asarray(a) for a in _mirror_batch(stacked, jnp.asarray(W[idx]), jnp.asarray(y)))
-        nus, kkts = _stationarity(grads, X, projector)
-        for i, b in enumerate(idx):
-            refsol = dual_newton(pots[b], X, yts[i])
-            certs[b] = _verdict(pots[b].name, pots[b].source, statuses[b], W[b], X, yts[i], float(kkts[i]), nus[i],
-                                np.asarray(refsol.w), bool(refsol.converged), float(drifts[b]), tol)
-    return certs
+        else:
+            others.append(b)
+    return list(groups.values()), others
+
+
+def _stack(pots):
+    # Stacked on the host: an eager jnp.stack compiles once per leaf shape (~0.25 s a sweep).
+    return jax.tree_util.tree_map(lambda *a: np.stack([np.asarray(v) for v in a]), *pots)
 
 
 class _Row:

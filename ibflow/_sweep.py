@@ -438,17 +438,17 @@ def _import_writer_modules():
 
 
 def _compile_certificates(n, net, d, alpha, shape, seed, net_kwargs, X, y, projector):
-    """Certify n copies of a dummy limit (w = 0) from one of the sweep's initialisations and
-    discard them, so that the certificates' programs (dual Newton and the batched mirror map:
-    ~0.6 s of XLA compilation alone, ~1.3 s when it ran beside the solves) are compiled for
-    the shapes the chunks will bring while the first chunk itself compiles."""
-    from ._certify import certify_batch
+    """Compile the certificates' programs for the shapes the chunks will bring (dual Newton and
+    the batched mirror map: ~0.6 s of XLA compilation alone, ~1.3 s when it ran beside the
+    solves) while the first chunk itself compiles: `warm_up_batch` on n copies of one of the
+    sweep's initialisations."""
+    from ._certify import warm_up_batch
 
     init = jax.jit(lambda: init_by_name(net, d, float(alpha), float(shape), key=jax.random.PRNGKey(int(seed)),
                                         **net_kwargs))()
     init = _on_host(init)
     try:
-        certify_batch(np.zeros((n, d)), ["converged"] * n, [0.0] * n, [init] * n, X, y, projector=projector)
+        warm_up_batch([init] * n, X, y, projector=projector)
     except Exception:  # noqa: BLE001 - a warm-up only: the chunks' own certificates raise it where it counts
         pass
 

@@ -1,3 +1,5 @@
+import logging
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -179,6 +181,34 @@ def test_certify_batch_agrees_with_certify(getkey):
             a, b = getattr(cert, f), getattr(one, f)
             assert (np.isnan(a) and np.isnan(b)) or abs(a - b) <= 1e-12 + 1e-6 * abs(b), (f, a, b)
     assert [c.passed for c in certs].count(False) >= 3
+
+
+def test_warm_up_batch_compiles_what_certify_batch_runs(caplog):
+    """`warm_up_batch` (what a sweep runs while its first chunk compiles) compiles the batched
+    mirror map and the dual Newton ahead of time, without running them: certify_batch on a
+    batch of the same size then compiles neither, while a batch of another size (not warmed)
+    compiles the mirror map again: the check can fail."""
+    from ibflow._certify import warm_up_batch
+
+    X, y = problem(seed=5, N=6, d=11)  # shapes no other test here compiles for
+    nets = [ib.diagonal_init(a, s, 11) for a, s in ((0.1, 0.0), (0.5, 0.3), (2.0, -0.6))]
+    sols = [ib.gradient_flow(n, X, y) for n in nets]
+    args = (np.stack([np.asarray(s.predictor) for s in sols]), [s.status for s in sols],
+            [float(s.invariant_drift) for s in sols])
+
+    def compiled(call):
+        caplog.clear()
+        with jax.log_compiles(True), caplog.at_level(logging.WARNING, logger="jax"):
+            out = call()
+        return out, [r.getMessage() for r in caplog.records if "Finished XLA compilation" in r.getMessage()]
+
+    _, warm = compiled(lambda: warm_up_batch(nets, X, y))
+    assert any("_mirror_batch" in m for m in warm) and any("dual_newton" in m for m in warm), warm
+    certs, again = compiled(lambda: ib.certify_batch(*args, nets, X, y))
+    assert not any("_mirror_batch" in m or "dual_newton" in m for m in again), again
+    assert all(c.passed for c in certs), [c.reason for c in certs]
+    _, other_size = compiled(lambda: ib.certify_batch(*(a[:2] for a in args), nets[:2], X, y))
+    assert any("_mirror_batch" in m for m in other_size), other_size
 
 
 def test_certify_batch_rank_deficient_data():
