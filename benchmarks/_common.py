@@ -40,30 +40,49 @@ def rel(a, b):
     return float(np.linalg.norm(np.asarray(a) - b) / np.linalg.norm(b))
 
 
-def diag_params(net):
-    return np.concatenate([np.asarray(net.plus).ravel(), np.asarray(net.minus).ravel()])
+def numpy_model(net):
+    """`(θ0, grad)` for the NumPy peers, with `grad(θ, X, y) -> (∇L(θ), L(θ), w̃(θ))` and the
+    package's loss `L = ½·mean(r²)`: the diagonal net (any depth) and the two-layer fully
+    connected net (`xᵀW a`, any width)."""
+    if isinstance(net, ib.DiagonalNet):
+        L, d = net.plus.shape
+        theta0 = np.concatenate([np.asarray(net.plus).ravel(), np.asarray(net.minus).ravel()])
 
+        def grad(theta, X, y):
+            P = theta.reshape(2, L, d)
+            prod_p, prod_m = np.prod(P[0], 0), np.prod(P[1], 0)
+            r = X @ (prod_p - prod_m) - y
+            g = X.T @ r / len(y)
+            out = np.empty_like(P)
+            for l in range(L):
+                out[0, l] = g * np.prod(np.delete(P[0], l, 0), 0)
+                out[1, l] = -g * np.prod(np.delete(P[1], l, 0), 0)
+            return out.ravel(), 0.5 * np.mean(r**2), prod_p - prod_m
 
-def _diag_grad(theta, X, y, L, d):
-    P = theta.reshape(2, L, d)
-    prod_p, prod_m = np.prod(P[0], 0), np.prod(P[1], 0)
-    r = X @ (prod_p - prod_m) - y
-    g = X.T @ r / len(y)
-    out = np.empty_like(P)
-    for l in range(L):
-        out[0, l] = g * np.prod(np.delete(P[0], l, 0), 0)
-        out[1, l] = -g * np.prod(np.delete(P[1], l, 0), 0)
-    return out.ravel(), 0.5 * np.mean(r**2), prod_p - prod_m
+        return theta0, grad
+    if isinstance(net, ib.FullyConnectedNet) and net.depth == 2:
+        W0 = np.asarray(net.weights[0])
+        d, m = W0.shape
+        theta0 = np.concatenate([W0.ravel(), np.asarray(net.a)])
+
+        def grad(theta, X, y):
+            W, a = theta[:d * m].reshape(d, m), theta[d * m:]
+            w = W @ a
+            r = X @ w - y
+            g = X.T @ r / len(y)
+            return np.concatenate([np.outer(g, a).ravel(), W.T @ g]), 0.5 * np.mean(r**2), w
+
+        return theta0, grad
+    raise TypeError(f"no NumPy peer model for {type(net).__name__}")
 
 
 def gd_loop(net, X, y, lr=1e-3, mse_tol=1e-10, max_iter=50_000_000, time_limit=120.0):
     """The original papers' GD loop (NumPy): θ ← θ − η∇L until train MSE < 1e-10."""
-    L, d = net.plus.shape
-    theta = diag_params(net)
+    theta, grad = numpy_model(net)
     t0 = time.perf_counter()
     it = 0
     while it < max_iter:
-        g, loss, w = _diag_grad(theta, X, y, L, d)
+        g, loss, w = grad(theta, X, y)
         if 2 * loss < mse_tol:
             break
         theta -= lr * g
@@ -78,24 +97,22 @@ def lsoda(net, X, y, loss_rtol=1e-24, rtol=1e-10, atol=1e-14, t_max=1e12):
     target as ibflow."""
     from scipy.integrate import solve_ivp
 
-    L, d = net.plus.shape
-    theta0 = diag_params(net)
-    _, loss0, _ = _diag_grad(theta0, X, y, L, d)
-    target = loss_rtol * loss0
+    theta0, grad = numpy_model(net)
+    target = loss_rtol * grad(theta0, X, y)[1]
     nfev = [0]
 
     def f(t, th):
         nfev[0] += 1
-        return -_diag_grad(th, X, y, L, d)[0]
+        return -grad(th, X, y)[0]
 
     def event(t, th):
-        return np.log(_diag_grad(th, X, y, L, d)[1]) - np.log(target)
+        return np.log(grad(th, X, y)[1]) - np.log(target)
 
     event.terminal = True
     t0 = time.perf_counter()
     sol = solve_ivp(f, (0, t_max), theta0, method="LSODA", rtol=rtol, atol=atol, events=event)
     wall = time.perf_counter() - t0
-    w = _diag_grad(sol.y[:, -1], X, y, L, d)[2]
+    w = grad(sol.y[:, -1], X, y)[2]
     return w, wall, nfev[0], sol.status == 1
 
 

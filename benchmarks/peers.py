@@ -1,4 +1,5 @@
-"""ibflow against its peers, per initialisation, on the Azulay §9 problem (d = 1000, N = 100).
+"""ibflow against its peers, per initialisation, on the Azulay §9 problem (d = 1000, N = 100;
+the fully connected neuron at d = 100, N = 40).
 
     python benchmarks/peers.py [--quick] [--skip-gd] [--skip-lsoda]
 
@@ -34,24 +35,30 @@ def main():
     args = ap.parse_args()
     dim, N = (200, 40) if args.quick else (1000, 100)
     X, y, _ = problem(dim, N)
-    cases = [(a, s, 2) for a in (1e-4, 1e-2, 1.0) for s in (0.0, 0.9)] + [(1e-2, 0.0, 3)]
+    diag = [(a, s, 2) for a in (1e-4, 1e-2, 1.0) for s in (0.0, 0.9)] + [(1e-2, 0.0, 3)]
     if args.quick:
-        cases = cases[::2]
+        diag = diag[::2]
+    cases = [(f"α={a:g}, s={s:g}, L={L}", ib.diagonal_init(a, s, dim, depth=L), X, y) for a, s, L in diag]
+    # The fully connected single neuron (Azulay Thm 6.1), d = 100, N = 40, the §9 kind of data.
+    Xf, yf, _ = problem(100, 40)
+    fc = [(1e-2, 0.5), (1.0, 0.0)][: 1 if args.quick else 2]
+    cases += [(f"FC neuron α={a:g}, s={s:g}, d=100", ib.fully_connected_init(a, s, 100, key=jax.random.key(0)),
+               Xf, yf) for a, s in fc]
     rows = []
-    for alpha, s, depth in cases:
-        net = ib.diagonal_init(alpha, s, dim, depth=depth)
-        # L = 2: the closed-form potential; L ≥ 3: DeepDiagonal (its layer ODE per coordinate,
-        # an integration independent of the flow's). Dual Newton on both.
+    for label, net, X, y in cases:
+        # Diagonal L = 2: the closed-form potential; L ≥ 3: DeepDiagonal (its layer ODE per
+        # coordinate, an integration independent of the flow's); FC neuron: Thm 6.1's potential.
+        # Dual Newton on each.
         ref, t_ref = reference(net, X, y)
         w, t_ib, t_first, fe_ib, ok = ibflow_flow(net, X, y)
-        row = dict(case=f"α={alpha:g}, s={s:g}, L={depth}", ib=(t_ib, t_first, fe_ib, rel(w, ref), ok), ref=t_ref)
+        row = dict(case=label, ib=(t_ib, t_first, fe_ib, rel(w, ref), ok), ref=t_ref)
         if ib.reducible(net, ib.SquareLoss()):
             w1, t1, _, fe1, ok1 = ibflow_flow(net, X, y, rtol=REDUCED_RTOL, atol=REDUCED_ATOL)
             row["ib_limit"] = (t1, fe1, rel(w1, ref), ok1)
         if not args.skip_lsoda:
             w2, t2, fe2, ok2 = lsoda(net, X, y)
             row["lsoda"] = (t2, fe2, rel(w2, ref), ok2)
-        if not args.skip_gd and depth == 2:
+        if not args.skip_gd and not (isinstance(net, ib.DiagonalNet) and net.depth > 2):
             w3, t3, it3, ok3 = gd_loop(net, X, y, time_limit=args.limit)
             row["gd"] = (t3, it3, rel(w3, ref), ok3)
         if not args.skip_diffrax:

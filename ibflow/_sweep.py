@@ -352,7 +352,7 @@ def sweep(
         if certify:
             p0 = todo[0]
             worker.submit(_compile_certificates, min(chunk_size, len(todo)), net, d, alphas[p0[0]], shapes[p0[1]],
-                          seeds[p0[2]], dict(depth=depth, width=width, slope=slope), X, y, projector)
+                          seeds[p0[2]], dict(depth=depth, width=width, slope=slope), X, y)
 
     pending = dispatch(starts[0]) if starts else None
     for i in range(len(starts)):
@@ -437,7 +437,7 @@ def _import_writer_modules():
         pass  # reported by the first chunk write
 
 
-def _compile_certificates(n, net, d, alpha, shape, seed, net_kwargs, X, y, projector):
+def _compile_certificates(n, net, d, alpha, shape, seed, net_kwargs, X, y):
     """Compile the certificates' programs for the shapes the chunks will bring (dual Newton and
     the batched mirror map: ~0.6 s of XLA compilation alone, ~1.3 s when it ran beside the
     solves) while the first chunk itself compiles: `warm_up_batch` on n copies of one of the
@@ -448,7 +448,7 @@ def _compile_certificates(n, net, d, alpha, shape, seed, net_kwargs, X, y, proje
                                         **net_kwargs))()
     init = _on_host(init)
     try:
-        warm_up_batch([init] * n, X, y, projector=projector)
+        warm_up_batch([init] * n, X, y)
     except Exception:  # noqa: BLE001 - a warm-up only: the chunks' own certificates raise it where it counts
         pass
 
