@@ -185,9 +185,9 @@ def test_certify_batch_agrees_with_certify(getkey):
 
 def test_warm_up_batch_compiles_what_certify_batch_runs(caplog):
     """`warm_up_batch` (what a sweep runs while its first chunk compiles) compiles the batched
-    mirror map and the dual Newton ahead of time, without running them: certify_batch on a
-    batch of the same size then compiles neither, while a batch of another size (not warmed)
-    compiles the mirror map again: the check can fail."""
+    mirror map and the dual Newton for the batch's shapes: certify_batch on a batch of the
+    same size then compiles neither, while a batch of another size (not warmed) compiles the
+    mirror map again, so the check can fail."""
     from ibflow._certify import warm_up_batch
 
     X, y = problem(seed=5, N=6, d=11)  # shapes no other test here compiles for
