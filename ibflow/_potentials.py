@@ -280,27 +280,29 @@ class DeepDiagonal(AbstractPotential):
         of the depth-3 Azulay §9 problem took 4.1 s merged against 2.3 s apart)."""
         return _layer_flow(self.plus, v), _layer_flow(self.minus, -v)
 
+    def _value_and_slope(self, v):
+        """`φ⁻¹(v)` and its per-coordinate derivative `dρ⁺/dG + dρ⁻/dG = Σ_l Π_{m≠l} a_m²` (the
+        tangent kernel of the evolved layers), from one layer solve per branch."""
+        evolved = DiagonalNet(*self._branches(v))
+        return evolved.predictor(), evolved.predictor_kernel_diagonal()
+
     def inverse_mirror(self, v):
-        ap, am = self._branches(v)
-        return jnp.prod(ap, axis=0) - jnp.prod(am, axis=0)
+        return self._value_and_slope(v)[0]
 
     def inverse_mirror_jvp(self, v, dv):
-        # dρ^±/dG = Σ_l Π_{m≠l} a_m²: the per-coordinate tangent kernel of the evolved layers.
-        return DiagonalNet(*self._branches(v)).predictor_kernel_diagonal() * dv
+        return self._value_and_slope(v)[1] * dv
 
     @eqx.filter_jit
     def mirror(self, w):
         # Safeguarded Newton on v ↦ φ⁻¹(v) − w (increasing; derivative = tangent kernel),
-        # falling back to bisection whenever a Newton step leaves the bracket. One layer
-        # solve per iteration gives both the value and the derivative; jitted, so that an
-        # eager call does not compile its loop again.
+        # falling back to bisection whenever a Newton step leaves the bracket. Jitted, so
+        # that an eager call does not compile its loop again.
         lo, hi = self._range()
 
         def body(_, state):
             v, lo, hi = state
-            ap, am = self._branches(v)
-            f = jnp.prod(ap, axis=0) - jnp.prod(am, axis=0) - w
-            df = DiagonalNet(ap, am).predictor_kernel_diagonal()
+            value, df = self._value_and_slope(v)
+            f = value - w
             up = jnp.where(jnp.isfinite(f), f < 0, v < 0)
             lo, hi = jnp.where(up, v, lo), jnp.where(up, hi, v)
             vn = v - f / df
