@@ -36,6 +36,26 @@ def reference(net, X, y):
     return np.asarray(ref.w), time.perf_counter() - t
 
 
+def grid_references(X, y, alphas, shapes):
+    """The dual-Newton limit of the two-layer diagonal net at every (α, s) of a grid, shape
+    (len(alphas), len(shapes), d), and the seconds those solves took in all."""
+    refs = np.zeros((len(alphas), len(shapes), X.shape[1]))
+    seconds = 0.0
+    for i, a in enumerate(alphas):
+        for j, s in enumerate(shapes):
+            pot = ib.implicit_potential(ib.diagonal_init(a, s, X.shape[1]))
+            t0 = time.perf_counter()
+            refs[i, j] = np.asarray(ib.dual_newton(pot, X, y).w)
+            seconds += time.perf_counter() - t0
+    return refs, seconds
+
+
+def grid_error(predictor, refs):
+    """The largest relative distance of a sweep's `predictor (alpha, shape, seed, dim)` (seed 0)
+    from `grid_references`."""
+    return max(rel(predictor[i, j, 0], refs[i, j]) for i in range(refs.shape[0]) for j in range(refs.shape[1]))
+
+
 def rel(a, b):
     return float(np.linalg.norm(np.asarray(a) - b) / np.linalg.norm(b))
 

@@ -28,7 +28,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 import ibflow as ib  # noqa: E402
-from _common import gd_loop, lsoda, peak_rss_mib, problem, rel, table  # noqa: E402
+from _common import gd_loop, grid_error, grid_references, lsoda, peak_rss_mib, problem, rel, table  # noqa: E402
 
 T_IMPORTED = time.perf_counter()
 
@@ -79,27 +79,19 @@ def main():
     t_total = T_IMPORTED - T_START + t_sweep  # this process's import + the first (compiling) sweep
 
     # independent reference at every point (dual Newton)
-    errs = np.zeros((len(alphas), len(shapes)))
-    cli_errs = np.zeros_like(errs)
-    t_ref = 0.0
-    for i, a in enumerate(alphas):
-        for j, s in enumerate(shapes):
-            net = ib.diagonal_init(a, s, args.dim)
-            t1 = time.perf_counter()
-            ref = np.asarray(ib.dual_newton(ib.implicit_potential(net), X, y).w)
-            t_ref += time.perf_counter() - t1
-            errs[i, j] = rel(ds["predictor"].values[i, j, 0], ref)
-            cli_errs[i, j] = rel(cli["predictor"].values[i, j, 0], ref)
+    refs, t_ref = grid_references(X, y, alphas, shapes)
+    n_points = len(alphas) * len(shapes)
+    err_max, cli_err_max = grid_error(ds["predictor"].values, refs), grid_error(cli["predictor"].values, refs)
 
     rows = [["`ibflow sweep --certify` (command line, fresh process, empty compilation cache; reduced mode)",
-             f"{t_cli:.1f}", f"{t_cli:.1f}", f"{cli_errs.max():.1e}",
-             f"{int((cli['status'].values == 'converged').sum())}/{errs.size}",
-             f"{int(cli['passed'].values.sum())}/{errs.size}"]]
+             f"{t_cli:.1f}", f"{t_cli:.1f}", f"{cli_err_max:.1e}",
+             f"{int((cli['status'].values == 'converged').sum())}/{n_points}",
+             f"{int(cli['passed'].values.sum())}/{n_points}"]]
     rows += [["ibflow.sweep, pure parameter ODE (mode='pure')" + (" certified" if not args.no_certify else ""),
               f"{t_sweep:.1f}",
-             f"{t_total:.1f}", f"{errs.max():.1e}", f"{int((ds['status'].values == 'converged').sum())}/{errs.size}"]]
+             f"{t_total:.1f}", f"{err_max:.1e}", f"{int((ds['status'].values == 'converged').sum())}/{n_points}"]]
     if not args.no_certify:
-        rows[1].append(f"{int(ds['passed'].values.sum())}/{errs.size}")
+        rows[1].append(f"{int(ds['passed'].values.sum())}/{n_points}")
     else:
         rows[1].append("-")
     rows.append(["dual-Newton floor (all points)", f"{t_ref:.1f}", "-", "-", "-", "-"])
@@ -117,7 +109,7 @@ def main():
             w, t, _, ok = gd_loop(net, X, y, time_limit=600)
             t_gd += t
             gd_err.append(rel(w, ds["predictor"].values[i, j, 0]))
-        scale = errs.size / len(idx)
+        scale = n_points / len(idx)
         gd_note = "" if args.gd == "all" else f" (estimate: {len(idx)} points measured × {scale:.0f})"
         rows.append([f"GD loop η = 1e-3 summed{gd_note}", f"{t_gd * scale:.1f}", "-",
                      f"{min(gd_err):.1e} … {max(gd_err):.1e}", "-", "-"])
@@ -128,15 +120,15 @@ def main():
             w, t, _, ok = lsoda(net, X, y)
             lsoda_pts.append((alphas[i], t, rel(w, np.asarray(ib.dual_newton(ib.implicit_potential(net), X, y).w))))
         rows.append([f"SciPy LSODA, mean of {len(lsoda_pts)} point(s), × 100",
-                     f"{np.mean([t for _, t, _ in lsoda_pts]) * errs.size:.1f}", "-",
+                     f"{np.mean([t for _, t, _ in lsoda_pts]) * n_points:.1f}", "-",
                      f"{max(e for _, _, e in lsoda_pts):.1e}", "-", "-"])
     header = ["method", "wall s", "wall s incl. import+compile", "max rel. error vs dual Newton", "converged",
               "certified"]
     print(f"\n### Fig. 7.1 grid: {len(alphas)} α × {len(shapes)} s, d = {args.dim}, N = {args.samples}, "
           f"data seed {args.seed}; device {jax.devices()[0].device_kind}, {os.cpu_count()} CPUs\n")
     print(table(rows, header))
-    print(f"\nibflow.sweep incl. import + compile: {t_total:.1f} s for {errs.size} points; "
-          f"per point {t_sweep / errs.size * 1e3:.0f} ms vs dual-Newton floor {t_ref / errs.size * 1e3:.0f} ms "
+    print(f"\nibflow.sweep incl. import + compile: {t_total:.1f} s for {n_points} points; "
+          f"per point {t_sweep / n_points * 1e3:.0f} ms vs dual-Newton floor {t_ref / n_points * 1e3:.0f} ms "
           f"({t_sweep / max(t_ref, 1e-9):.1f}×); peak RSS {peak_rss_mib():.0f} MiB")
     for r in rows[3:]:
         print(f"{r[0]}: {float(r[1]) / t_cli:.1f}× the command line's time")
