@@ -119,7 +119,7 @@ def main():
             net = ib.diagonal_init(alphas[i], 0.0, args.dim)
             w, t, _, ok = lsoda(net, X, y)
             lsoda_pts.append((alphas[i], t, rel(w, np.asarray(ib.dual_newton(ib.implicit_potential(net), X, y).w))))
-        rows.append([f"SciPy LSODA, mean of {len(lsoda_pts)} point(s), × 100",
+        rows.append([f"SciPy LSODA, mean of {len(lsoda_pts)} point(s), × {n_points}",
                      f"{np.mean([t for _, t, _ in lsoda_pts]) * n_points:.1f}", "-",
                      f"{max(e for _, _, e in lsoda_pts):.1e}", "-", "-"])
     header = ["method", "wall s", "wall s incl. import+compile", "max rel. error vs dual Newton", "converged",
@@ -136,7 +136,7 @@ def main():
                        for i in range(len(alphas)) for j in range(len(shapes)))
     print(f"reduced (command line) vs pure (in process) limits: largest relative difference {fast_vs_pure:.1e}")
     for a, t, e in lsoda_pts:
-        print(f"acceptance: `ibflow sweep` {t_cli:.1f} s cold ({t_warm:.1f} s warm) for 100 points vs SciPy LSODA "
+        print(f"acceptance: `ibflow sweep` {t_cli:.1f} s cold ({t_warm:.1f} s warm) for {n_points} points vs SciPy LSODA "
               f"{t:.1f} s for one point (α = {a:.2g}, s = 0; error {e:.1e}): ratio {t_cli / t:.2f} "
               f"({t_warm / t:.2f} warm; ≤ 1 passes)")
 
