@@ -312,14 +312,26 @@ class FlowSolution(eqx.Module):
         return self.result == RESULTS.successful
 
 
-def default_solver():
-    """The default stiff solver, `LinearlyImplicitExtrapolation(order_k=8)`.
+def default_solver(dtype=jnp.float64):
+    """The default stiff solver for states of `dtype`: `LinearlyImplicitExtrapolation(order_k=8)`
+    in float64, a lower order in lower precision.
 
     Order 8 measured best on the Azulay §9 grid (20 α × 5 s, d = 1000, N = 100, rtol 1e-10):
     3868 steps in all against 5671 at order 7 (and 3-4× fewer than order 5), with the largest
     error against the dual-Newton limit 1.3e-10 (order 7: 2.1e-10); 16 % less wall time.
-    Order 9 became unstable for α ≤ 1e-4 (steps shrink until max_steps)."""
-    return LinearlyImplicitExtrapolation(order_k=8)
+    Order 9 became unstable for α ≤ 1e-4 (steps shrink until max_steps).
+
+    The extrapolation amplifies rounding by up to its `noise_gain` (21529 at order 8), and the
+    error estimate it feeds the step-size controller carries that noise: in float32
+    (ε = 1.2e-7) order 8's estimate is ~3e-3 of the state, every step is rejected and the flow
+    stalls where it started. So the order is the largest k ≤ 8 with `noise_gain(k)·ε ≤ 1e-4`:
+    8 in float64, 5 in float32 (noise gain 367). Measured in float32 on the §9 problem
+    (4 points, rtol 1e-5): order 5 takes 17–37 steps, order 4 25–57, order 3 73–167, order 8
+    never converges; every converged limit is 1e-6…2e-6 (float32's rounding) from the float64
+    dual-Newton limit. Float32 needs `rtol ≥ 1e-5` or so (order 5 at 1e-6: 36–678 steps)."""
+    eps = float(jnp.finfo(dtype).eps)
+    order = max(k for k in range(2, 9) if LinearlyImplicitExtrapolation(order_k=k).noise_gain * eps <= 1e-4)
+    return LinearlyImplicitExtrapolation(order_k=order)
 
 
 def gradient_flow(
@@ -347,8 +359,8 @@ def gradient_flow(
     - `net`: the initial network θ(0) (any `AbstractNetwork`).
     - `X`: data, shape `(N, d)`, rows are samples. `y`: labels, shape `(N,)`.
     - `loss`: the training loss (default `SquareLoss()`, 1/(2N) normalisation).
-    - `solver`: any diffrax solver; default `LinearlyImplicitExtrapolation(8)`
-      (stiff, Woodbury linear algebra). `diffrax.Kvaerno5()` (dense Jacobian) and
+    - `solver`: any diffrax solver; default `default_solver(X.dtype)` (`LinearlyImplicitExtrapolation(8)`
+      in float64; stiff, Woodbury linear algebra). `diffrax.Kvaerno5()` (dense Jacobian) and
       explicit solvers such as `diffrax.Tsit5()` give a "pure" reference mode.
     - `rtol`, `atol`: tolerances of diffrax's `PIDController`.
     - `loss_rtol`: stop when `L(θ) ≤ max(loss_rtol·L(θ(0)), loss.floor(y))` (reduced mode:
@@ -405,7 +417,7 @@ def _gradient_flow(net, X, y, loss, solver, rtol, atol, loss_rtol, t_max, dt0, m
     when traced inside `_checks.host_validated()`)."""
     X, y = check_data(net, X, y, checks)
     if solver is None:
-        solver = default_solver()
+        solver = default_solver(X.dtype)
     y = value_check(y, ~jnp.all(jnp.isfinite(y)), "y contains NaN or inf", checks)
 
     params, frozen = eqx.partition(net, net.trainable())

@@ -179,3 +179,47 @@ def test_kink_sliding_is_reported_as_stalled():
     sol = ib.gradient_flow(net, D["X"], D["y"], max_steps=3000, throw=False)
     assert sol.status == "stalled"
     assert np.min(np.abs(D["X"] @ np.asarray(sol.network.w))) < 1e-6  # sitting on a kink
+
+
+_FLOAT32_SCRIPT = """
+import json, sys
+import numpy as np, jax
+import ibflow as ib
+D = ib.sparse_regression(num_samples=20, dim=60, seed=3)
+X, y = D["X"].astype(np.float32), D["y"].astype(np.float32)
+out = []
+for a, s in [(0.3, 0.0), (1e-3, 0.9)]:
+    net = ib.diagonal_init(np.float32(a), np.float32(s), 60)
+    net = jax.tree_util.tree_map(lambda x: x.astype(np.float32) if x.dtype == np.float64 else x, net)
+    for solver in (None, ib.LinearlyImplicitExtrapolation(order_k=8)) if a > 0.1 else (None,):
+        sol = ib.gradient_flow(net, X, y, solver=solver, rtol=1e-5, atol=1e-9, max_steps=150 if solver is None else 40,
+                               throw=False)
+        out.append(dict(alpha=a, shape=s, default=solver is None, status=sol.status, dtype=str(sol.predictor.dtype),
+                        w=np.asarray(sol.predictor, np.float64).tolist()))
+print("RESULT " + json.dumps(out))
+"""
+
+
+def test_float32_default_solver_converges_where_order_8_stalls():
+    """Without x64 (`IBFLOW_NO_X64=1`) the flow runs in float32. Order 8's extrapolation noise
+    (gain 21529 × ε₃₂ ≈ 3e-3) swamps its error estimate and stalls it; `default_solver(float32)`
+    picks order 5, which converges to the float64 dual-Newton limit within float32's rounding."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    assert ib.default_solver(jnp.float32).order_k == 5 and ib.default_solver(jnp.float64).order_k == 8
+    env = dict(os.environ, IBFLOW_NO_X64="1")
+    p = subprocess.run([sys.executable, "-c", _FLOAT32_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
+    lines = [line for line in p.stdout.splitlines() if line.startswith("RESULT ")]
+    assert lines, p.stderr[-2000:]
+    D = ib.sparse_regression(num_samples=20, dim=60, seed=3)
+    for r in json.loads(lines[0][7:]):
+        assert r["dtype"] == "float32"
+        if not r["default"]:
+            assert r["status"] != "converged", r
+            continue
+        assert r["status"] == "converged", r
+        ref = ib.dual_newton(ib.implicit_potential(ib.diagonal_init(r["alpha"], r["shape"], 60)), D["X"], D["y"]).w
+        assert rel(np.array(r["w"]), ref) < 2e-5, (r["alpha"], r["shape"], rel(np.array(r["w"]), ref))
