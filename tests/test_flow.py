@@ -196,14 +196,15 @@ for a, s in [(0.3, 0.0), (1e-3, 0.9)]:
                                throw=False)
         out.append(dict(alpha=a, shape=s, default=solver is None, status=sol.status, dtype=str(sol.predictor.dtype),
                         w=np.asarray(sol.predictor, np.float64).tolist()))
-print("RESULT " + json.dumps(out))
+print("RESULT " + json.dumps(dict(rows=out, precision=jax.config.jax_default_matmul_precision)))
 """
 
 
 def test_float32_default_solver_converges_where_order_8_stalls():
     """Without x64 (`IBFLOW_NO_X64=1`) the flow runs in float32. Order 8's extrapolation noise
     (gain 21529 × ε₃₂ ≈ 3e-3) swamps its error estimate and stalls it; `default_solver(float32)`
-    picks order 5, which converges to the float64 dual-Newton limit within float32's rounding."""
+    picks order 5, which converges to the float64 dual-Newton limit within float32's rounding.
+    `import ibflow` also asks for full-precision float32 products (TF32 stalls it on GPUs)."""
     import json
     import os
     import subprocess
@@ -211,11 +212,14 @@ def test_float32_default_solver_converges_where_order_8_stalls():
 
     assert ib.default_solver(jnp.float32).order_k == 5 and ib.default_solver(jnp.float64).order_k == 8
     env = dict(os.environ, IBFLOW_NO_X64="1")
+    env.pop("JAX_DEFAULT_MATMUL_PRECISION", None)
     p = subprocess.run([sys.executable, "-c", _FLOAT32_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
     lines = [line for line in p.stdout.splitlines() if line.startswith("RESULT ")]
     assert lines, p.stderr[-2000:]
     D = ib.sparse_regression(num_samples=20, dim=60, seed=3)
-    for r in json.loads(lines[0][7:]):
+    result = json.loads(lines[0][7:])
+    assert result["precision"] == "highest"  # no TF32 products on GPUs (see `ibflow/__init__.py`)
+    for r in result["rows"]:
         assert r["dtype"] == "float32"
         if not r["default"]:
             assert r["status"] != "converged", r
