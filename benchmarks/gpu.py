@@ -28,12 +28,11 @@ if f32:
     X, y = X.astype(np.float32), y.astype(np.float32)
 alphas = np.logspace(-5, np.log10(0.25), n_alpha)
 shapes = [0.0, 0.5, 0.7, 0.9, 0.99]
-kw = dict(rtol=1e-6, atol=1e-9) if f32 else {}
 t0 = time.perf_counter()
-ds = ib.sweep(X, y, alphas=alphas, shapes=shapes, progress=False, flow_kwargs=kw, chunk_size=len(alphas) * len(shapes))
+ds = ib.sweep(X, y, alphas=alphas, shapes=shapes, progress=False, chunk_size=len(alphas) * len(shapes))
 t_first = time.perf_counter() - t0
 t0 = time.perf_counter()
-ds = ib.sweep(X, y, alphas=alphas * 1.0001, shapes=shapes, progress=False, flow_kwargs=kw, chunk_size=len(alphas) * len(shapes))
+ds = ib.sweep(X, y, alphas=alphas * 1.0001, shapes=shapes, progress=False, chunk_size=len(alphas) * len(shapes))
 t_second = time.perf_counter() - t0
 errs = []
 for i in range(0, n_alpha, max(1, n_alpha // 4)):
@@ -43,21 +42,41 @@ for i in range(0, n_alpha, max(1, n_alpha // 4)):
         w = ds["predictor"].values[i, j, 0]
         errs.append(float(np.linalg.norm(w - ref) / np.linalg.norm(ref)))
 st = ds["status"].values.ravel()
-print("RESULT " + json.dumps(dict(dim=dim, dtype=dtype, device=jax.devices()[0].device_kind,
+print("RESULT " + json.dumps(dict(dim=dim, dtype=dtype, device=jax.devices()[0].device_kind, jax=jax.__version__,
       platform=jax.devices()[0].platform, points=int(st.size), converged=int((st == "converged").sum()),
       first=t_first, second=t_second, max_steps=int(ds["num_steps"].max()), max_err=max(errs),
       total=time.perf_counter() - t_start)))
 """
 
 
+def table(rows, n_alpha):
+    """The Markdown table of measured rows (dicts as the child prints them)."""
+    dev = rows[0]["device"] if rows else "?"
+    jax_version = rows[0].get("jax", "?") if rows else "?"
+    lines = [f"### Fig. 7.1-style grid ({n_alpha} α × 5 s, N = 100) on {dev} (jax {jax_version})", "",
+             "| d | dtype | points converged | 1st call s (incl. compile) | 2nd call s | ms / point | max steps | "
+             "max rel. err vs dual Newton |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['dim']} | {r['dtype']} | {r['converged']}/{r['points']} | {r['first']:.2f} | "
+                     f"{r['second']:.2f} | {r['second'] / r['points'] * 1e3:.1f} | {r['max_steps']} | {r['max_err']:.1e} |")
+    return "\n".join(lines)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--dims", default="1000,10000,100000")
-    ap.add_argument("--dtypes", default="float64", help="float32 is experimental: the stiff solver stalls at float32 round-off")
+    ap.add_argument("--dtypes", default="float64,float32",
+                    help="float32 runs the solver at order 5 (`ibflow.default_solver`); its reference is float64")
     ap.add_argument("--n-alpha", type=int, default=20)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--json", default=None, help="append each row as a JSON line here as soon as it is measured")
     ap.add_argument("--timeout", type=float, default=900)
+    ap.add_argument("--from-json", default=None, help="print the table of rows saved by --json instead of measuring")
     args = ap.parse_args()
+    if args.from_json:
+        with open(args.from_json) as f:
+            print(table([json.loads(line) for line in f if line.strip()], args.n_alpha))
+        return
     rows = []
     for dim in [int(d) for d in args.dims.split(",")]:
         for dtype in args.dtypes.split(","):
@@ -78,14 +97,10 @@ def main():
                 continue
             rows.append(r)
             print(json.dumps(r), file=sys.stderr, flush=True)
-    dev = rows[0]["device"] if rows else "?"
-    lines = [f"### Fig. 7.1-style grid ({args.n_alpha} α × 5 s, N = 100) on {dev}", "",
-             "| d | dtype | points converged | 1st call s (incl. compile) | 2nd call s | ms / point | max steps | "
-             "max rel. err vs dual Newton |", "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['dim']} | {r['dtype']} | {r['converged']}/{r['points']} | {r['first']:.2f} | "
-                     f"{r['second']:.2f} | {r['second'] / r['points'] * 1e3:.1f} | {r['max_steps']} | {r['max_err']:.1e} |")
-    text = "\n".join(lines)
+            if args.json:
+                with open(args.json, "a") as f:
+                    f.write(json.dumps(r) + "\n")
+    text = table(rows, args.n_alpha)
     print(text)
     if args.out:
         with open(args.out, "w") as f:
