@@ -51,6 +51,14 @@ class AbstractPotential(eqx.Module):
         """Directional derivative of φ⁻¹ (used by the dual Newton solver)."""
         return jax.jvp(self.inverse_mirror, (v,), (dv,))[1]
 
+    def inverse_mirror_and_slope(self, v):
+        """`(φ⁻¹(v), diag Dφ⁻¹(v))` of a separable potential, from one evaluation where the
+        potential can share it (`DeepDiagonal`: one layer solve); the dual Newton solver
+        carries both from one iterate to the next."""
+        if not self.separable:
+            raise TypeError(f"{type(self).__name__} is not separable: Dφ⁻¹ has no diagonal form")
+        return jax.jvp(self.inverse_mirror, (v,), (jnp.ones_like(v),))
+
 
 def _bisect(fn, target, lo, hi, iters=200):
     """Vectorised bisection for increasing `fn` (elementwise), `fn(lo) ≤ target ≤ fn(hi)`.
@@ -291,6 +299,9 @@ class DeepDiagonal(AbstractPotential):
 
     def inverse_mirror_jvp(self, v, dv):
         return self._value_and_slope(v)[1] * dv
+
+    def inverse_mirror_and_slope(self, v):
+        return self._value_and_slope(v)
 
     @eqx.filter_jit
     def mirror(self, w):

@@ -55,33 +55,41 @@ def dual_newton(potential: AbstractPotential, X, y, *, tol: float = 1e-13, max_i
         dw = jnp.abs(potential.inverse_mirror_jvp(v, dz))
         return jnp.linalg.norm(jnp.sqrt(X2 @ (dw**2 + (eps * w) ** 2) + (eps * y) ** 2)) / ynorm
 
-    def grad(nu):
-        return X @ potential.inverse_mirror(X.T @ nu) - y
-
-    def hess(nu):
+    def evaluate(nu):
+        """`(∇F(ν), s)`: the dual gradient and, for a separable potential, `s = diag Dφ⁻¹(Xᵀν)`,
+        which gives the Hessian `X diag(s) Xᵀ`; one evaluation of φ⁻¹ (with its slope) per
+        point, carried to the next iteration instead of evaluated again there."""
         v = X.T @ nu
         if potential.separable:
-            diag = potential.inverse_mirror_jvp(v, jnp.ones_like(v))
-            return (X * diag) @ X.T
+            w, s = potential.inverse_mirror_and_slope(v)
+        else:
+            w, s = potential.inverse_mirror(v), jnp.zeros((), X.dtype)
+        return X @ w - y, s
+
+    def hess(nu, s):
+        if potential.separable:
+            return (X * s) @ X.T
+        v = X.T @ nu
         cols = jax.vmap(lambda xn: potential.inverse_mirror_jvp(v, xn))(X)  # (N, d)
         return X @ cols.T
 
     def cond(state):
-        nu, g, it, r_prev = state
+        nu, g, _, it, r_prev = state
         r = jnp.linalg.norm(g) / ynorm
         # Near tol, a step that no longer halves the residual has reached the rounding floor.
         stalled = (r <= 1e3 * tol) & (r > 0.5 * r_prev)
         return (it < max_iter) & ~(r <= tol) & ~stalled
 
     def body(state):
-        nu, g, it, _ = state
+        nu, g, s, it, _ = state
         r_prev = jnp.linalg.norm(g) / ynorm
-        H = hess(nu)
+        H = hess(nu, s)
         H = H + 1e-300 * jnp.eye(H.shape[0])
         p = jnp.linalg.solve(H, g)  # Newton direction: ν ← ν − t p
         slope0 = -g @ p  # h'(0) < 0
-        deriv = lambda t: -(grad(nu - t * p) @ p)
-        d1 = deriv(1.0)
+        deriv = lambda t: -(evaluate(nu - t * p)[0] @ p)
+        g1, s1 = evaluate(nu - p)
+        d1 = -(g1 @ p)
         accept_full = jnp.isfinite(d1) & (d1 <= 0.5 * jnp.abs(slope0))
 
         def ls_body(_, lh):
@@ -91,19 +99,18 @@ def dual_newton(potential: AbstractPotential, X, y, *, tol: float = 1e-13, max_i
             below = jnp.isfinite(dm) & (dm < 0)
             return jnp.where(below, mid, lo), jnp.where(below, hi, mid)
 
-        # The bisection runs only when the full Newton step overshoots (or overflows).
-        lo, hi = jax.lax.cond(
-            accept_full,
-            lambda: (jnp.asarray(1.0, nu.dtype), jnp.asarray(1.0, nu.dtype)),
-            lambda: jax.lax.fori_loop(0, line_search_iters, ls_body,
-                                      (jnp.asarray(0.0, nu.dtype), jnp.asarray(1.0, nu.dtype))),
-        )
-        t = jnp.where(accept_full, 1.0, jnp.where(lo > 0, lo, 0.5 * hi))
-        nu_new = nu - t * p
-        return nu_new, grad(nu_new), it + 1, r_prev
+        def searched():
+            # The bisection runs only when the full Newton step overshoots (or overflows).
+            lo, hi = jax.lax.fori_loop(0, line_search_iters, ls_body,
+                                       (jnp.asarray(0.0, nu.dtype), jnp.asarray(1.0, nu.dtype)))
+            nu_new = nu - jnp.where(lo > 0, lo, 0.5 * hi) * p
+            return (nu_new, *evaluate(nu_new))
+
+        nu_new, g_new, s_new = jax.lax.cond(accept_full, lambda: (nu - p, g1, s1), searched)
+        return nu_new, g_new, s_new, it + 1, r_prev
 
     nu0 = jnp.zeros(X.shape[0], X.dtype)
-    nu, g, it, _ = jax.lax.while_loop(cond, body, (nu0, grad(nu0), 0, jnp.asarray(jnp.inf, X.dtype)))
+    nu, g, _, it, _ = jax.lax.while_loop(cond, body, (nu0, *evaluate(nu0), 0, jnp.asarray(jnp.inf, X.dtype)))
     v = X.T @ nu
     w = potential.inverse_mirror(v)
     res = jnp.linalg.norm(X @ w - y) / ynorm
