@@ -99,14 +99,15 @@ def dual_newton(potential: AbstractPotential, X, y, *, tol: float = 1e-13, max_i
             below = jnp.isfinite(dm) & (dm < 0)
             return jnp.where(below, mid, lo), jnp.where(below, hi, mid)
 
-        def searched():
-            # The bisection runs only when the full Newton step overshoots (or overflows).
-            lo, hi = jax.lax.fori_loop(0, line_search_iters, ls_body,
-                                       (jnp.asarray(0.0, nu.dtype), jnp.asarray(1.0, nu.dtype)))
-            nu_new = nu - jnp.where(lo > 0, lo, 0.5 * hi) * p
-            return (nu_new, *evaluate(nu_new))
-
-        nu_new, g_new, s_new = jax.lax.cond(accept_full, lambda: (nu - p, g1, s1), searched)
+        # The bisection runs only when the full Newton step overshoots (or overflows).
+        lo, hi = jax.lax.cond(
+            accept_full,
+            lambda: (jnp.asarray(1.0, nu.dtype), jnp.asarray(1.0, nu.dtype)),
+            lambda: jax.lax.fori_loop(0, line_search_iters, ls_body,
+                                      (jnp.asarray(0.0, nu.dtype), jnp.asarray(1.0, nu.dtype))),
+        )
+        nu_new = nu - jnp.where(accept_full, 1.0, jnp.where(lo > 0, lo, 0.5 * hi)) * p
+        g_new, s_new = jax.lax.cond(accept_full, lambda: (g1, s1), lambda: evaluate(nu_new))
         return nu_new, g_new, s_new, it + 1, r_prev
 
     nu0 = jnp.zeros(X.shape[0], X.dtype)
