@@ -175,6 +175,9 @@ def test_reduced_and_pure_sweeps_agree(data):
     assert fast["passed"].values.all() and pure["passed"].values.all()
     assert json.loads(fast.attrs["config"])["flow_kwargs"]["rtol"] == repr(ib._sweep.REDUCED_RTOL)
     assert "rtol" not in json.loads(pure.attrs["config"])["flow_kwargs"]
+    solver = repr(ib.LinearlyImplicitExtrapolation(order_k=ib._sweep.REDUCED_ORDER))
+    assert json.loads(fast.attrs["config"])["flow_kwargs"]["solver"] == solver
+    assert "solver" not in json.loads(pure.attrs["config"])["flow_kwargs"]
     for i, a in enumerate(alphas):
         for j, s in enumerate(shapes):
             wf, wp = fast["predictor"].values[i, j, 0], pure["predictor"].values[i, j, 0]
@@ -203,7 +206,9 @@ def test_second_sweep_reuses_the_compiled_chunk(data):
     kw = dict(alphas=[0.01, 0.2], shapes=[0.0, 0.5], progress=False, chunk_size=4)
     a = ib.sweep(D["X"], D["y"], **kw)
     solve = _cached_chunk_solver("diagonal", D["X"].shape[1], 2, 1, 0.2,
-                                 dict(rtol=ib._sweep.REDUCED_RTOL, atol=ib._sweep.REDUCED_ATOL), None, None)
+                                 dict(rtol=ib._sweep.REDUCED_RTOL, atol=ib._sweep.REDUCED_ATOL,
+                                      solver=ib.LinearlyImplicitExtrapolation(order_k=ib._sweep.REDUCED_ORDER)),
+                                 None, None)
     compiled = solve.cache_size()  # other tests' sweeps may have compiled other chunk sizes
     assert compiled >= 1
     kw["alphas"] = [0.02, 0.3]
