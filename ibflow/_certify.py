@@ -322,9 +322,9 @@ def certify_batch(predictors, statuses, drifts, initials, X, y, *, tolerances: d
     pots = [implicit_potential(net) for net in initials]
     groups, others = _kinds(pots, initials)
     certs: list[Certificate | None] = [None] * len(pots)
-    for b in others:  # no theorem (the certificate says why), or a potential with non-array fields
-        certs[b] = certify(_Row(statuses[b], drifts[b], W[b]), X, y, initial=initials[b], potential=pots[b]
-                           if isinstance(pots[b], AbstractPotential) else None, tolerances=tolerances)
+    for b, pot in others:  # no theorem (the certificate says why), or a potential with non-array fields
+        certs[b] = certify(_Row(statuses[b], drifts[b], W[b]), X, y, initial=initials[b], potential=pot,
+                           tolerances=tolerances)
     for idx in groups:
         grads, yts = (np.asarray(a) for a in _mirror_batch(_stack([pots[b] for b in idx]), jnp.asarray(W[idx]),
                                                             jnp.asarray(y)))
@@ -353,9 +353,8 @@ def warm_up_batch(initials, X, y) -> None:
     groups, others = _kinds(pots, initials)
     w0 = np.zeros(X.shape[1])
     if others:
-        b = others[0]
-        certify(_Row("converged", 0.0, w0), X, y, initial=initials[b],
-                potential=pots[b] if isinstance(pots[b], AbstractPotential) else None)
+        b, pot = others[0]
+        certify(_Row("converged", 0.0, w0), X, y, initial=initials[b], potential=pot)
     for idx in groups:
         # The same argument types as certify_batch's calls (NumPy or JAX, shapes, dtypes).
         _mirror_batch.lower(_stack([pots[b] for b in idx]), jnp.zeros((len(idx), X.shape[1])),
@@ -365,8 +364,8 @@ def warm_up_batch(initials, X, y) -> None:
 
 def _kinds(pots, initials):
     """`(groups, others)`: the indices of potentials of one kind (array leaves of equal
-    shapes: certified together), and those certified one by one (no theorem, or a potential
-    with non-array fields)."""
+    shapes: certified together), and `(index, potential or None)` of those certified one by
+    one (no theorem, or a potential with non-array fields)."""
     groups: dict = {}
     others = []
     for b, (pot, net) in enumerate(zip(pots, initials)):
@@ -377,7 +376,7 @@ def _kinds(pots, initials):
             leaves, treedef = jax.tree_util.tree_flatten(pot)
             groups.setdefault((treedef, tuple((a.shape, a.dtype) for a in leaves)), []).append(b)
         else:
-            others.append(b)
+            others.append((b, pot if isinstance(pot, AbstractPotential) else None))
     return list(groups.values()), others
 
 
