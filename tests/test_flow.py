@@ -192,8 +192,11 @@ for a, s in [(0.3, 0.0), (1e-3, 0.9)]:
     net = ib.diagonal_init(np.float32(a), np.float32(s), 60)
     net = jax.tree_util.tree_map(lambda x: x.astype(np.float32) if x.dtype == np.float64 else x, net)
     sol = ib.gradient_flow(net, X, y, rtol=1e-5, atol=1e-9, max_steps=150, throw=False)
+    cert = ib.certify(sol, X, y, initial=net)
+    other = jax.tree_util.tree_map(lambda x: 10 * x, net)  # negative control: another initialisation's potential
     out.append(dict(alpha=a, shape=s, status=sol.status, dtype=str(sol.predictor.dtype),
-                    w=np.asarray(sol.predictor, np.float64).tolist()))
+                    w=np.asarray(sol.predictor, np.float64).tolist(), passed=cert.passed, reason=cert.reason,
+                    tolerances=cert.tolerances, other_passed=ib.certify(sol, X, y, initial=other).passed))
 print("RESULT " + json.dumps(dict(rows=out, precision=jax.config.jax_default_matmul_precision)))
 """
 
@@ -203,7 +206,8 @@ def test_float32_default_solver_converges():
     (gain 21529 × ε₃₂ ≈ 3e-3) swamps its error estimate and stalls it (measured: every step
     rejected); `default_solver(float32)` picks order 5, which converges to the float64 dual-Newton
     limit within float32's rounding, so this test fails if the default went back to order 8.
-    `import ibflow` also asks for full-precision float32 products (TF32 stalls it on GPUs)."""
+    `import ibflow` also asks for full-precision float32 products (TF32 stalls it on GPUs), and the
+    certificates use float32 thresholds (math.md §1.6: 1e-4 for the reference distance)."""
     import json
     import os
     import subprocess
@@ -221,5 +225,7 @@ def test_float32_default_solver_converges():
     for r in result["rows"]:
         assert r["dtype"] == "float32"
         assert r["status"] == "converged", r
+        assert r["tolerances"] == ib._certify.FLOAT32_TOLERANCES and r["passed"], r["reason"]
+        assert not r["other_passed"]
         ref = ib.dual_newton(ib.implicit_potential(ib.diagonal_init(r["alpha"], r["shape"], 60)), D["X"], D["y"]).w
         assert rel(np.array(r["w"]), ref) < 2e-5, (r["alpha"], r["shape"], rel(np.array(r["w"]), ref))
