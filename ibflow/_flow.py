@@ -341,8 +341,8 @@ def gradient_flow(
     *,
     loss: AbstractLoss = SquareLoss(),
     solver: dfx.AbstractSolver | None = None,
-    rtol: float = 1e-10,
-    atol: float = 1e-12,
+    rtol: float | None = None,
+    atol: float | None = None,
     loss_rtol: float = 1e-24,
     t_max: float = jnp.inf,
     dt0: float | None = None,
@@ -362,7 +362,9 @@ def gradient_flow(
     - `solver`: any diffrax solver; default `default_solver(X.dtype)` (`LinearlyImplicitExtrapolation(8)`
       in float64; stiff, Woodbury linear algebra). `diffrax.Kvaerno5()` (dense Jacobian) and
       explicit solvers such as `diffrax.Tsit5()` give a "pure" reference mode.
-    - `rtol`, `atol`: tolerances of diffrax's `PIDController`.
+    - `rtol`, `atol`: tolerances of diffrax's `PIDController`; default 1e-10 and 1e-12 in float64,
+      1e-5 and 1e-9 in float32 (`IBFLOW_NO_X64=1`), where rtol 1e-10 is out of the order-5
+      solver's reach (`default_solver`: every step rejected, the flow ends in `max_steps`).
     - `loss_rtol`: stop when `L(θ) ≤ max(loss_rtol·L(θ(0)), loss.floor(y))` (reduced mode:
       or the float64 floor at the limit, whichever is higher; see `FlowSolution.loss_target`).
     - `t_max`: time horizon (default ∞); reaching it unconverged is `not_converged`.
@@ -390,6 +392,9 @@ def gradient_flow(
     has converged.
     """
     dtype = jnp.result_type(float)
+    low = dtype != jnp.float64
+    rtol = (1e-5 if low else 1e-10) if rtol is None else rtol
+    atol = (1e-9 if low else 1e-12) if atol is None else atol
     return _gradient_flow(
         net, X, y, loss, solver, jnp.asarray(rtol, dtype), jnp.asarray(atol, dtype),
         jnp.asarray(loss_rtol, dtype), jnp.asarray(t_max, dtype), None if dt0 is None else jnp.asarray(dt0, dtype),
