@@ -288,20 +288,17 @@ class DeepDiagonal(AbstractPotential):
         of the depth-3 Azulay §9 problem took 4.1 s merged against 2.3 s apart)."""
         return _layer_flow(self.plus, v), _layer_flow(self.minus, -v)
 
-    def _value_and_slope(self, v):
+    def inverse_mirror_and_slope(self, v):
         """`φ⁻¹(v)` and its per-coordinate derivative `dρ⁺/dG + dρ⁻/dG = Σ_l Π_{m≠l} a_m²` (the
         tangent kernel of the evolved layers), from one layer solve per branch."""
         evolved = DiagonalNet(*self._branches(v))
         return evolved.predictor(), evolved.predictor_kernel_diagonal()
 
     def inverse_mirror(self, v):
-        return self._value_and_slope(v)[0]
+        return self.inverse_mirror_and_slope(v)[0]
 
     def inverse_mirror_jvp(self, v, dv):
-        return self._value_and_slope(v)[1] * dv
-
-    def inverse_mirror_and_slope(self, v):
-        return self._value_and_slope(v)
+        return self.inverse_mirror_and_slope(v)[1] * dv
 
     @eqx.filter_jit
     def mirror(self, w):
@@ -312,7 +309,7 @@ class DeepDiagonal(AbstractPotential):
 
         def body(_, state):
             v, lo, hi = state
-            value, df = self._value_and_slope(v)
+            value, df = self.inverse_mirror_and_slope(v)
             f = value - w
             up = jnp.where(jnp.isfinite(f), f < 0, v < 0)
             lo, hi = jnp.where(up, v, lo), jnp.where(up, hi, v)
