@@ -233,3 +233,48 @@ def test_module_entry_flushes_output_and_keeps_exit_status(files, tmp_path):
                         capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr
     assert "2/2 points converged" in ok.stdout and (out / "sweep.nc").stat().st_size > 0
+
+
+@pytest.mark.parametrize("flags, version, expected", [
+    # jaxlib versions whose XLA defines the flag (its name is in their libraries) get it ...
+    ("", "0.10.2", "--xla_cpu_use_fusion_emitters=false"),
+    ("", "0.7.0", "--xla_cpu_use_fusion_emitters=false"),
+    ("--xla_cpu_multi_thread_eigen=false", "0.10.2",
+     "--xla_cpu_multi_thread_eigen=false --xla_cpu_use_fusion_emitters=false"),
+    # ... others do not: jaxlib 0.11.2's XLA aborts on it as an unknown flag; 0.5.0 lacks it.
+    ("", "0.11.2", ""),
+    ("", "0.5.0", ""),
+    ("", "unknown", ""),
+    # the user's own setting of the flag stands
+    ("--xla_cpu_use_fusion_emitters=true", "0.10.2", "--xla_cpu_use_fusion_emitters=true"),
+])
+def test_cpu_xla_flags_version_range(flags, version, expected):
+    from ibflow._cli import cpu_xla_flags
+
+    assert cpu_xla_flags(flags, version) == expected
+
+
+def test_entry_sets_cpu_flags_before_the_backend_starts(tmp_path):
+    """`entry` (the console script and `python -m ibflow`) puts `cpu_xla_flags` into the
+    process's XLA_FLAGS before `main`, while JAX's backend has not started, and the installed
+    jaxlib's XLA accepts them (an unknown XLA_FLAGS entry aborts the process at the first
+    computation)."""
+    code = ("import os, ibflow._cli as c, jax.numpy as jnp\n"
+            "from jax._src import xla_bridge\n"
+            "def main():\n"
+            "    print(repr(os.environ.get('XLA_FLAGS')), bool(xla_bridge._backends))\n"
+            "    print(float(jnp.arange(4.0).sum()))\n"
+            "    return 0\n"
+            "c.main = main\n"
+            "c.entry()\n")
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr
+    from jaxlib.version import __version__
+
+    from ibflow._cli import cpu_xla_flags
+
+    flags, started = proc.stdout.split("\n")[0].rsplit(" ", 1)
+    expected = cpu_xla_flags("", __version__)
+    assert eval(flags) == (expected or None) and started == "False"
+    assert proc.stdout.split("\n")[1] == "6.0"
