@@ -270,11 +270,13 @@ def test_entry_sets_cpu_flags_before_the_backend_starts(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stderr
+    import ast
+
     from jaxlib.version import __version__
 
     from ibflow._cli import cpu_xla_flags
 
     flags, started = proc.stdout.split("\n")[0].rsplit(" ", 1)
     expected = cpu_xla_flags("", __version__)
-    assert eval(flags) == (expected or None) and started == "False"
+    assert ast.literal_eval(flags) == (expected or None) and started == "False"
     assert proc.stdout.split("\n")[1] == "6.0"
