@@ -94,6 +94,21 @@ def test_deep_diagonal_matches_closed_forms():
     np.testing.assert_allclose(deep.inverse_mirror(v), tied.inverse_mirror(v / 3), rtol=1e-11, atol=1e-13)
 
 
+@pytest.mark.parametrize("a, b", [(0.2, 0.3), (0.05, 0.02)])
+def test_deep_diagonal_mirror_near_the_blow_up(a, b):
+    """`DeepDiagonal.mirror` inverts φ⁻¹ across its whole domain. For balanced L = 3 layers
+    a·1 (plus) and b·1 (minus) the untied branch at G is the tied one (Woodworth Thm 3, closed
+    form) at G/3, finite on −1/b < G < 1/a; roots up to 95 % of the way to either pole, where
+    Newton's first steps from 0 overshoot into the blow-up and the safeguard bisects, must come
+    back to the closed form's v."""
+    deep = ib.DeepDiagonal(jnp.full((3, 12), a), jnp.full((3, 12), b))
+    tied = ib.TiedDiagonal(jnp.full(12, a), jnp.full(12, b), 3)
+    v = jnp.linspace(-0.95 / b, 0.95 / a, 12)
+    w = tied.inverse_mirror(v / 3)  # the closed form, independent of the layer ODE
+    assert np.all(np.isfinite(np.asarray(w)))
+    np.testing.assert_allclose(deep.mirror(w), v, rtol=1e-10, atol=1e-12)
+
+
 def test_woodworth_D2_formula():
     # math.md §1.2: β = 2α²w0² sinh(4G) for w±(0) = α w0.
     w0 = jnp.asarray(np.random.default_rng(3).uniform(0.5, 1.5, 12))
