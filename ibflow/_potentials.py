@@ -254,7 +254,8 @@ def _layer_flow(a0, v):
     """Per-coordinate layer dynamics `da_l/dG = Π_{m≠l} a_m` from `a0` (shape (L, d)) up to
     `G = v` (shape (d,)), integrated with diffrax (Dopri8, rtol 1e-13) in the rescaled
     time τ = G/v ∈ [0, 1], one coordinate at a time (vmapped). Returns `a(v)`, shape
-    (L, d); NaN in a coordinate whose layers blow up before G = v.
+    (L, d); NaN in a coordinate whose layers blow up before G = v (pass `_LAYER_BLOWUP`·(1 +
+    max|a0|), far beyond any layer of a regression root: `_blown_up`).
 
     Jitted, with the vector field at module level, so that eager calls (a potential used
     outside `jit`) reuse one compiled solve per shape instead of tracing and compiling a
