@@ -624,8 +624,9 @@ def entry() -> None:
     from jaxlib.version import __version__ as jaxlib_version
 
     flags = os.environ.get("XLA_FLAGS", "")
-    if cpu_xla_flags(flags, jaxlib_version) != flags:
-        os.environ["XLA_FLAGS"] = cpu_xla_flags(flags, jaxlib_version)
+    wanted = cpu_xla_flags(flags, jaxlib_version)
+    if wanted != flags:
+        os.environ["XLA_FLAGS"] = wanted
     rc = main()
     sys.stdout.flush()
     sys.stderr.flush()

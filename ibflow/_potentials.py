@@ -358,21 +358,23 @@ class DeepDiagonal(AbstractPotential):
         v0 = jnp.zeros_like(w)
         return jax.lax.while_loop(cond, body, (v0, lo, hi, 0, jnp.asarray(False)))[0]
 
+    def _pole_power(self):
+        # Per coordinate, μ^{L−2} (floored at 1e-300), μ the smallest layer magnitude of either
+        # branch: a balanced branch with layers μ blows up at G = 1/((L − 2) μ^{L−2}).
+        mu = jnp.min(jnp.abs(jnp.concatenate([self.plus, self.minus])), axis=0)
+        return jnp.maximum(mu ** (self.plus.shape[0] - 2), 1e-300)
+
     def _blowup_scale(self):
-        # Per coordinate, 1 / ((L − 2) μ^{L−2}) with μ the smallest layer magnitude: where a
-        # balanced branch with layers μ blows up (da/dG = a^{L−1}); 1 for L = 2 (no blow-up).
+        # Per coordinate, that blow-up point 1 / ((L − 2) μ^{L−2}); 1 for L = 2 (no blow-up).
         L = self.plus.shape[0]
         if L == 2:
             return jnp.ones(self.plus.shape[1:], self.plus.dtype)
-        mu = jnp.min(jnp.abs(jnp.concatenate([self.plus, self.minus])), axis=0)
-        return jnp.clip(1.0 / ((L - 2) * jnp.maximum(mu, 1e-300) ** (L - 2)), 1e-6, 1e6)
+        return jnp.clip(1.0 / ((L - 2) * self._pole_power()), 1e-6, 1e6)
 
     def _range(self):
         # For L ≥ 3 the layers blow up at a finite G; bisection treats non-finite values
         # by sign, so a generous bracket is safe.
-        big = 1e3 / jnp.maximum(jnp.min(jnp.abs(jnp.concatenate([self.plus, self.minus])), axis=0)
-                                ** (self.plus.shape[0] - 2), 1e-300)
-        big = jnp.minimum(big, 1e6)
+        big = jnp.minimum(1e3 / self._pole_power(), 1e6)
         return -big, big
 
 

@@ -254,7 +254,7 @@ def test_cpu_xla_flags_version_range(flags, version, expected):
     assert cpu_xla_flags(flags, version) == expected
 
 
-def test_entry_sets_cpu_flags_before_the_backend_starts(tmp_path):
+def test_entry_sets_cpu_flags_before_the_backend_starts():
     """`entry` (the console script and `python -m ibflow`) puts `cpu_xla_flags` into the
     process's XLA_FLAGS before `main`, while JAX's backend has not started, and the installed
     jaxlib's XLA accepts them (an unknown XLA_FLAGS entry aborts the process at the first
