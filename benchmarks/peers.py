@@ -11,7 +11,9 @@ apply, the tolerances and order a sweep uses there (`ibflow._sweep.REDUCED_RTOL`
 `REDUCED_ORDER`: the limit only, which path errors do not move); elsewhere (the parameter ODE,
 whose limit the path's error does move) `PURE_LOOSE` = rtol 1e-9, atol 1e-11 (at rtol 1e-8 the
 depth-3 row erred by 1.7e-8: its limit error is ~2 × rtol, the FC neuron's ≤ 1e-2 × rtol).
-The GD loop and LSODA get a time limit per run (reported as "> limit" when hit).
+The GD loop and LSODA get a time limit per run (reported as "> limit" when hit). ibflow's and the
+dual-Newton floor's seconds are medians of up to 7 calls after the first (`_common.median_seconds`);
+the peers, seconds to minutes a run, are timed once.
 """
 
 import argparse
