@@ -6,7 +6,10 @@ Peers (issue "Performance"): the plain GD loop of the original papers (NumPy, le
 same parameter ODE, and a naive diffrax solve (Tsit5 + PID controller, stop on loss).
 """
 
+import os
 import resource
+import subprocess
+import sys
 import time
 
 import jax
@@ -17,6 +20,30 @@ import ibflow as ib
 
 def peak_rss_mib():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+#: The shapes of Azulay et al. 2021 Fig. 7.1; its α are `fig71_alphas`.
+FIG71_SHAPES = (0.0, 0.5, 0.7, 0.9, 0.99)
+
+
+def fig71_alphas(n_alpha=20):
+    """The Fig. 7.1 grid's scales: `n_alpha` α log-spaced from 1e-5 to 0.25."""
+    return np.logspace(-5, np.log10(0.25), n_alpha)
+
+
+def cli_sweep(data, workdir, name, n_alpha, cache_dir):
+    """Wall seconds of `ibflow sweep --certify` of the Fig. 7.1 grid (`n_alpha` × `FIG71_SHAPES`,
+    two-layer diagonal net) on `data = (X, y, w_star)`, run in a fresh process as a user runs it
+    and timed from outside (start-up, import, compilation, solve, certificates, files, figure),
+    with `IBFLOW_CACHE_DIR=cache_dir`. Its results are in `workdir/name/sweep.nc`."""
+    path = os.path.join(workdir, f"{name}.npz")
+    np.savez(path, X=data[0], y=data[1], w_star=data[2])
+    cmd = [sys.executable, "-m", "ibflow", "sweep", "--data", path, "--net", "diagonal",
+           "--alpha", f"1e-5:0.25:{n_alpha}", "--shape", ",".join(map(str, FIG71_SHAPES)), "--certify",
+           "--out", os.path.join(workdir, name), "--no-progress"]
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True, capture_output=True, env=dict(os.environ, IBFLOW_CACHE_DIR=cache_dir))
+    return time.perf_counter() - t0
 
 
 def problem(dim=1000, samples=100, seed=0):

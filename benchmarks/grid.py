@@ -16,7 +16,6 @@ the grid is measured point by point (`--gd all`, slow: tens of minutes) or on ev
 
 import argparse
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -28,7 +27,8 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 import ibflow as ib  # noqa: E402
-from _common import gd_loop, grid_error, grid_references, lsoda, peak_rss_mib, problem, rel, table  # noqa: E402
+from _common import (FIG71_SHAPES, cli_sweep, fig71_alphas, gd_loop, grid_error, grid_references, lsoda,  # noqa: E402
+                     peak_rss_mib, problem, rel, table)
 
 T_IMPORTED = time.perf_counter()
 
@@ -45,26 +45,15 @@ def main():
     ap.add_argument("--seed", type=int, default=0, help="data set (sparse_regression seed)")
     args = ap.parse_args()
     X, y, w_star = problem(args.dim, args.samples, seed=args.seed)
-    alphas = np.logspace(-5, np.log10(0.25), args.n_alpha)
-    shapes = [0.0, 0.5, 0.7, 0.9, 0.99]
+    alphas, shapes = fig71_alphas(args.n_alpha), FIG71_SHAPES
 
     # The command line, timed from outside in a fresh process: cold (an empty compilation cache,
     # so compilation is included) and warm (the cache the cold run filled, on another data set
     # of the same shapes: what a second sweep of a study costs).
     tmp = tempfile.mkdtemp(prefix="ibflow-grid-")
-    env = dict(os.environ, IBFLOW_CACHE_DIR=os.path.join(tmp, "cache"))
-
-    def cli_sweep(name, data):
-        np.savez(os.path.join(tmp, f"{name}.npz"), X=data[0], y=data[1], w_star=data[2])
-        cmd = [sys.executable, "-m", "ibflow", "sweep", "--data", os.path.join(tmp, f"{name}.npz"), "--net",
-               "diagonal", "--alpha", f"1e-5:0.25:{args.n_alpha}", "--shape", ",".join(map(str, shapes)),
-               "--certify", "--out", os.path.join(tmp, name), "--no-progress"]
-        t0 = time.perf_counter()
-        subprocess.run(cmd, check=True, capture_output=True, env=env)
-        return time.perf_counter() - t0
-
-    t_cli = cli_sweep("out", (X, y, w_star))
-    t_warm = cli_sweep("warm", problem(args.dim, args.samples, seed=args.seed + 1000))
+    cache = os.path.join(tmp, "cache")
+    t_cli = cli_sweep((X, y, w_star), tmp, "out", args.n_alpha, cache)
+    t_warm = cli_sweep(problem(args.dim, args.samples, seed=args.seed + 1000), tmp, "warm", args.n_alpha, cache)
     import xarray as xr
 
     with xr.open_dataset(os.path.join(tmp, "out", "sweep.nc"), engine="h5netcdf") as cli:

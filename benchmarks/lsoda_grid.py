@@ -5,8 +5,9 @@ d = 1000, N = 100), against one cold `ibflow sweep --certify` of the whole grid.
 
 Issue 6's acceptance compares the command line's wall time for the 100-point grid with
 "100 × (SciPy LSODA seconds for one point) / 100", i.e. with one LSODA solve. LSODA's cost
-varies ~10× over the grid (small α: a long stiff plateau; α = 0.25: the kernel regime), so
-`grid.py`'s three s = 0 points leave open which point is meant. This script measures them all:
+varies ~1000× over the grid (0.15 s where it never forms a finite-difference Jacobian, to minutes
+at α ~ 1e-5), so `grid.py`'s three s = 0 points leave open which point is meant. This script
+measures them all:
 
 - the command line, cold (fresh process, empty compilation cache), timed from outside first,
   on an idle machine; its limits are checked against the dual-Newton reference at every point;
@@ -21,26 +22,20 @@ seconds, function evaluations and errors.
 """
 
 import argparse
+import multiprocessing
 import os
-
-# One BLAS thread per worker process (set before NumPy loads): LSODA is serial, and two workers
-# each multi-threading their small matrix-vector products would only contend for the 2 cores.
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-os.environ.setdefault("OMP_NUM_THREADS", "1")
-os.environ.setdefault("MKL_NUM_THREADS", "1")
-
-import multiprocessing  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from concurrent.futures import ProcessPoolExecutor  # noqa: E402
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
 
 sys.path.insert(0, os.path.dirname(__file__))
 
 import numpy as np  # noqa: E402
 
-SHAPES = [0.0, 0.5, 0.7, 0.9, 0.99]
+#: The worker processes' environment: one BLAS thread each. LSODA is serial, and two workers each
+#: multi-threading their small matrix-vector products would only contend for the 2 cores.
+ONE_THREAD = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
 def _lsoda_point(job):
@@ -64,41 +59,33 @@ def main():
     ap.add_argument("--out", default=None, help="save per-point results (.npz)")
     args = ap.parse_args()
 
-    from _common import grid_references, problem, rel
+    from _common import FIG71_SHAPES, cli_sweep, fig71_alphas, grid_error, grid_references, problem, rel
 
     X, y, w_star = problem(args.dim, args.samples, seed=args.seed)
-    alphas = np.logspace(-5, np.log10(0.25), args.n_alpha)
+    alphas = fig71_alphas(args.n_alpha)
 
     # The command line first, on an idle machine (fresh process, empty compilation cache).
     tmp = tempfile.mkdtemp(prefix="ibflow-lsoda-grid-")
-    np.savez(os.path.join(tmp, "data.npz"), X=X, y=y, w_star=w_star)
-    env = dict(os.environ, IBFLOW_CACHE_DIR=os.path.join(tmp, "cache"))
-    for k in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-        env.pop(k, None)  # the command line as a user runs it
-    cmd = [sys.executable, "-m", "ibflow", "sweep", "--data", os.path.join(tmp, "data.npz"), "--net", "diagonal",
-           "--alpha", f"1e-5:0.25:{args.n_alpha}", "--shape", ",".join(map(str, SHAPES)), "--certify",
-           "--out", os.path.join(tmp, "out"), "--no-progress"]
-    t0 = time.perf_counter()
-    subprocess.run(cmd, check=True, capture_output=True, env=env)
-    t_cli = time.perf_counter() - t0
+    t_cli = cli_sweep((X, y, w_star), tmp, "out", args.n_alpha, os.path.join(tmp, "cache"))
 
     import xarray as xr
 
     with xr.open_dataset(os.path.join(tmp, "out", "sweep.nc"), engine="h5netcdf") as cli:
         cli = cli.load()
-    refs, t_ref = grid_references(X, y, alphas, SHAPES)
-    cli_err = max(rel(cli["predictor"].values[i, j, 0], refs[i, j])
-                  for i in range(len(alphas)) for j in range(len(SHAPES)))
+    refs, t_ref = grid_references(X, y, alphas, FIG71_SHAPES)
+    cli_err = grid_error(cli["predictor"].values, refs)
     certified = int(cli["passed"].values.sum())
 
     # LSODA at every point, slowest (small α) first so that the workers finish together.
     jobs = [(i, j, float(alphas[i]), s, args.dim, args.samples, args.seed)
-            for i in range(len(alphas)) for j, s in enumerate(SHAPES)]
-    shape = (len(alphas), len(SHAPES))
+            for i in range(len(alphas)) for j, s in enumerate(FIG71_SHAPES)]
+    shape = (len(alphas), len(FIG71_SHAPES))
     seconds, fevals, errors = np.zeros(shape), np.zeros(shape, int), np.zeros(shape)
     ok = np.zeros(shape, bool)
     t0 = time.perf_counter()
-    # Spawned, not forked: this process has started JAX's threads, which a fork would copy.
+    # Spawned, not forked: this process has started JAX's threads, which a fork would copy. The
+    # workers inherit `ONE_THREAD` (read when their NumPy loads); the command line above ran without.
+    os.environ.update(ONE_THREAD)
     with ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         for i, j, wall, nfev, conv, w in pool.map(_lsoda_point, jobs):
             seconds[i, j], fevals[i, j], ok[i, j], errors[i, j] = wall, nfev, conv, rel(w, refs[i, j])
@@ -106,8 +93,8 @@ def main():
 
     n = seconds.size
     q = np.quantile(seconds, [0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0])
-    print(f"\n### LSODA at every point of the Fig. 7.1 grid ({len(alphas)} α × {len(SHAPES)} s, d = {args.dim}, "
-          f"N = {args.samples}, data seed {args.seed}; {args.workers} worker processes, {os.cpu_count()} CPUs)\n")
+    print(f"\n### LSODA at every point of the Fig. 7.1 grid ({len(alphas)} α × {len(FIG71_SHAPES)} s, "
+          f"d = {args.dim}, N = {args.samples}, data seed {args.seed}; {args.workers} worker processes, {os.cpu_count()} CPUs)\n")
     print("| quantity | value |\n|---|---|")
     print(f"| `ibflow sweep --certify`, cold, the whole grid | {t_cli:.1f} s, max rel. error {cli_err:.1e}, "
           f"{certified}/{n} certified |")
@@ -123,12 +110,12 @@ def main():
     print(f"points where one LSODA solve takes longer than the command line's whole grid: "
           f"{int((seconds >= t_cli).sum())}/{n}")
     print("\nLSODA seconds per point (rows α, columns s):\n")
-    print("| α | " + " | ".join(f"s = {s}" for s in SHAPES) + " |\n|---|" + "---|" * len(SHAPES))
+    print("| α | " + " | ".join(f"s = {s}" for s in FIG71_SHAPES) + " |\n|---|" + "---|" * len(FIG71_SHAPES))
     for i, a in enumerate(alphas):
-        print(f"| {a:.2e} | " + " | ".join(f"{seconds[i, j]:.2f}" for j in range(len(SHAPES))) + " |")
+        print(f"| {a:.2e} | " + " | ".join(f"{seconds[i, j]:.2f}" for j in range(len(FIG71_SHAPES))) + " |")
     if args.out:
-        np.savez(args.out, alphas=alphas, shapes=np.asarray(SHAPES), seconds=seconds, fevals=fevals, errors=errors,
-                 converged=ok, cli_seconds=t_cli, cli_error=cli_err)
+        np.savez(args.out, alphas=alphas, shapes=np.asarray(FIG71_SHAPES), seconds=seconds, fevals=fevals,
+                 errors=errors, converged=ok, cli_seconds=t_cli, cli_error=cli_err)
 
 
 if __name__ == "__main__":

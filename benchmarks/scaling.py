@@ -25,24 +25,22 @@ import time
 sys.path.insert(0, os.path.dirname(__file__))
 
 import jax  # noqa: E402
-import numpy as np  # noqa: E402
 
 import ibflow as ib  # noqa: E402
-from _common import grid_error, grid_references, lsoda, peak_rss_mib, problem, table  # noqa: E402
-
-SHAPES = (0.0, 0.5, 0.7, 0.9, 0.99)
+from _common import (FIG71_SHAPES, fig71_alphas, grid_error, grid_references, lsoda, peak_rss_mib,  # noqa: E402
+                     problem, table)
 
 
 def certified_sweep(X, y, alphas):
     """`ibflow.sweep(certify=True)`: (seconds, dataset)."""
     t0 = time.perf_counter()
-    ds = ib.sweep(X, y, alphas=alphas, shapes=SHAPES, certify=True, progress=False)
+    ds = ib.sweep(X, y, alphas=alphas, shapes=FIG71_SHAPES, certify=True, progress=False)
     return time.perf_counter() - t0, ds
 
 
 def max_error(ds, X, y, alphas):
     """The largest relative distance of the sweep's limits from the dual-Newton reference."""
-    return grid_error(ds["predictor"].values, grid_references(X, y, alphas, SHAPES)[0])
+    return grid_error(ds["predictor"].values, grid_references(X, y, alphas, FIG71_SHAPES)[0])
 
 
 def counts(ds):
@@ -56,7 +54,7 @@ def main():
     ap.add_argument("--grid-alphas", default="4,20,80", help="numbers of α at d = 1000 (× 5 shapes)")
     ap.add_argument("--lsoda-max-dim", type=int, default=1000)
     args = ap.parse_args()
-    alphas = np.logspace(-5, np.log10(0.25), 20)
+    alphas = fig71_alphas()
 
     rows = []
     dims = [int(v) for v in args.dims.split(",")]
@@ -83,10 +81,10 @@ def main():
     rows = []
     X, y, _ = problem(1000, 100, seed=2)
     for n_alpha in (int(v) for v in args.grid_alphas.split(",")):
-        grid = np.logspace(-5, np.log10(0.25), n_alpha)
+        grid = fig71_alphas(n_alpha)
         t, ds = certified_sweep(X, y, grid)
         conv, cert = counts(ds)
-        rows.append([f"{n_alpha} × {len(SHAPES)} = {ds['status'].size}", f"{t:.2f}", f"{t / ds['status'].size * 1e3:.0f}",
+        rows.append([f"{n_alpha} × {len(FIG71_SHAPES)} = {ds['status'].size}", f"{t:.2f}", f"{t / ds['status'].size * 1e3:.0f}",
                      f"{max_error(ds, X, y, grid):.1e}", conv, cert])
         print(f"done {n_alpha} α", file=sys.stderr, flush=True)
     warm = "compiled program reused: warm" if 1000 in dims else "the first row compiles"
