@@ -1,8 +1,22 @@
 import gc
 import os
 
-import jax
-import pytest
+# The suite's XLA:CPU compiler options, set before JAX's backend starts (it reads XLA_FLAGS
+# once, at the first computation). Most of a test's time is XLA compiling a program it then
+# runs for milliseconds, so the suite compiles with LLVM's optimisation level 0 (and the
+# command line's emitter choice, `ibflow._cli.cpu_xla_flags`): the default suite then took
+# about half the time (2 cores). Level 0 changes how fast the code runs, not what it computes
+# (every test's tolerance is its own). A user's own XLA_FLAGS, even empty, stand instead:
+# `XLA_FLAGS= pytest` runs the suite as the library runs by default.
+if "XLA_FLAGS" not in os.environ:
+    from jaxlib.version import __version__ as _jaxlib_version
+
+    from ibflow._cli import cpu_xla_flags
+
+    os.environ["XLA_FLAGS"] = cpu_xla_flags("--xla_backend_optimization_level=0", _jaxlib_version)
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
 
 jax.config.update("jax_enable_x64", True)
 # The command line keeps compiled programs in a persistent cache (~/.cache/ibflow/jax); the
