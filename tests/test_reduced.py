@@ -101,6 +101,33 @@ def test_reduced_limit_is_the_dual_newton_minimiser(alpha, shape):
     assert sol.end_jump < 1e-9
 
 
+def test_float32_w_matrix_keeps_the_trajectory_and_the_limit():
+    """The W-matrix formed in float32 (the default `w_matrix_dtype`) against the float64 one:
+    `stiff_matrix(a, float32)` is M to float32 rounding and in float64; the solves with either
+    W-matrix agree along the trajectory (the method's accuracy does not depend on A) and
+    reach the dual-Newton limit (an independent solve)."""
+    rng = np.random.default_rng(7)
+    X = rng.standard_normal((20, 60))
+    y = X[:, :3].sum(1) + 0.1 * rng.standard_normal(20)
+    net = ib.diagonal_init(1e-3, 0.5, 60)
+    ts = jnp.array([1.0, 30.0, 300.0])
+    exact = ib.gradient_flow(net, X, y, save_ts=ts, solver=ib.LinearlyImplicitExtrapolation(w_matrix_dtype=None))
+    low = ib.gradient_flow(net, X, y, save_ts=ts)
+    assert ib.LinearlyImplicitExtrapolation().w_matrix_dtype == "float32"
+    for wl, we in zip(low.trajectory_predictor, exact.trajectory_predictor):
+        assert rel(wl, we) < 1e-8
+    ref = ib.dual_newton(ib.implicit_potential(net), X, y)
+    for sol in (low, exact):
+        assert sol.status == "converged" and rel(sol.predictor, ref.w) < 1e-10
+    problem = ib.ReducedFlowProblem(net, jnp.asarray(X), jnp.asarray(y), ib.SquareLoss(), jnp.asarray(0.0))
+    a = jnp.asarray(0.1 * rng.standard_normal(20))
+    M, M32 = problem.stiff_matrix(a), problem.stiff_matrix(a, "float32")
+    assert M32.dtype == M.dtype == jnp.float64
+    assert 0 < float(jnp.max(jnp.abs(M32 - M)) / jnp.max(jnp.abs(M))) < 1e-5
+    with pytest.raises(ValueError, match="w_matrix_dtype"):
+        ib.LinearlyImplicitExtrapolation(w_matrix_dtype="int32")
+
+
 def test_auto_mode_is_reduced_only_where_it_applies():
     X, y = problem()
     net = CATALOGUE["diag-shape0.7"]()
