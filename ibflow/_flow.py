@@ -101,12 +101,13 @@ class ReducedFlowProblem(eqx.Module):
         return jax.grad(self.loss)(self.network(a).outputs(self.X), self.y)
 
     def stiff_matrix(self, a, product_dtype=None):
-        """`M = X diag(k) Xᵀ / N` at a, in the working precision. With `product_dtype` (a
-        lower precision, e.g. float32 under x64) the N×N×d product runs in it, at the
-        highest matmul precision the device offers (no TF32), and M is returned in the working
-        precision: the W-matrix of `LinearlyImplicitExtrapolation` (`w_matrix_dtype`)."""
+        """`M = X diag(k) Xᵀ / N` at a, in the working precision. With `product_dtype` lower
+        than the working precision (e.g. float32 under x64) the N×N×d product runs in it, at
+        the highest matmul precision the device offers (no TF32), and M is returned in the
+        working precision: the W-matrix of `LinearlyImplicitExtrapolation` (`w_matrix_dtype`).
+        None, or a precision no lower than the working one, forms M in the working precision."""
         k = self.network(a).predictor_kernel_diagonal()
-        if product_dtype is None or jnp.dtype(product_dtype) == self.X.dtype:
+        if product_dtype is None or jnp.finfo(product_dtype).bits >= jnp.finfo(self.X.dtype).bits:
             return (self.X * k) @ self.X.T / self.X.shape[0]
         X = self.X.astype(product_dtype)
         M = jnp.matmul(X * k.astype(product_dtype), X.T, precision=jax.lax.Precision.HIGHEST)

@@ -48,9 +48,10 @@ def _flat_vector_field(terms, t0, flat, args, like):
 class LinearlyImplicitExtrapolation(dfx.AbstractAdaptiveSolver):
     """Extrapolated linearly implicit Euler with Gauss–Newton W-matrices.
 
-    Requires `args` of `diffeqsolve` to provide either `stiff_matrix(y) -> M`, a symmetric
-    positive semi-definite matrix on the flattened state with `A = −M` (for low-dimensional
-    states such as `ReducedFlowProblem`'s), or `gauss_newton(y) -> (K, apply, apply_T)`
+    Requires `args` of `diffeqsolve` to provide either `stiff_matrix(y, product_dtype) -> M`,
+    a symmetric positive semi-definite matrix on the flattened state with `A = −M` (for
+    low-dimensional states such as `ReducedFlowProblem`'s; `product_dtype` is `w_matrix_dtype`,
+    to be used only where it is lower than the state's precision), or `gauss_newton(y) -> (K, apply, apply_T)`
     with `K = GGᵀ` (N×N), `apply(b) = Gb`, `apply_T(z) = Gᵀz`, where `GᵀG` is the
     Gauss–Newton Hessian in flattened coordinates (see `GradientFlowProblem`). An optional
     fourth element `(D, C)` adds stiff coordinates outside G's range (zero columns of G,
@@ -125,10 +126,7 @@ class LinearlyImplicitExtrapolation(dfx.AbstractAdaptiveSolver):
             return _flat_vector_field(terms, t0, flat, args, y0)
 
         if hasattr(args, "stiff_matrix"):
-            w = self.w_matrix_dtype
-            low = w is not None and jnp.finfo(w).bits < jnp.finfo(flat0.dtype).bits
-            M = args.stiff_matrix(y0, w) if low else args.stiff_matrix(y0)
-            return self._step_small(f, flat0, H, M, unravel, y0)
+            return self._step_small(f, flat0, H, args.stiff_matrix(y0, self.w_matrix_dtype), unravel, y0)
         gn = args.gauss_newton(y0)
         K, apply, apply_T = gn[:3]
         decoupled, coupling = gn[3] if len(gn) > 3 else (None, None)

@@ -124,6 +124,7 @@ def test_float32_w_matrix_keeps_the_trajectory_and_the_limit():
     M, M32 = problem.stiff_matrix(a), problem.stiff_matrix(a, "float32")
     assert M32.dtype == M.dtype == jnp.float64
     assert 0 < float(jnp.max(jnp.abs(M32 - M)) / jnp.max(jnp.abs(M))) < 1e-5
+    assert jnp.array_equal(problem.stiff_matrix(a, "float64"), M)  # never above the working precision
     for bad in ("int32", "no-such-dtype"):
         with pytest.raises(ValueError, match="w_matrix_dtype"):
             ib.LinearlyImplicitExtrapolation(w_matrix_dtype=bad)
