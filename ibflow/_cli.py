@@ -537,9 +537,15 @@ def compilation_cache_dir() -> str | None:
 
 def _enable_compilation_cache():
     """JAX's persistent compilation cache (keyed on the program, compiler options, jaxlib and
-    device; data values are arguments, not constants, in the sweep's and certificates' programs).
-    An unwritable directory only costs the speed-up: JAX warns and compiles as usual."""
+    device; data values are arguments, not constants, in the sweep's and certificates' programs),
+    and the sweep's traced programs in its `programs/` folder (`_program_cache`). An unwritable
+    directory only costs the speed-up: JAX warns and compiles as usual."""
+    import os
+
+    from . import _program_cache
+
     path = compilation_cache_dir()
+    _program_cache.set_directory(None if path is None else os.path.join(path, "programs"))
     if path is None:
         return
     import jax

@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import _program_cache
 from ._checks import host_validated
 from ._flow import gradient_flow, reducible
 from ._solver import LinearlyImplicitExtrapolation
@@ -71,7 +72,7 @@ def _solver_fn(kind, d, depth, width, slope, flow_kwargs, optimizer=None, train_
     return one
 
 
-def _chunk_solver(one):
+def _chunk_solver(one, config=None):
     """`solve(alphas, shapes, seeds, etas, X, y, on_lowered=None)`: `one` vmapped over the points
     of a chunk, compiled once per argument signature (`jax.jit`, lowered and compiled ahead of
     time; X and y are arguments, not constants, so the executable does not depend on the data's
@@ -84,27 +85,65 @@ def _chunk_solver(one):
     through `eqx.filter_jit`, which waits for every result: dispatch returns at once and the
     next chunk solves while the host certifies and writes the current one. The outputs'
     non-array parts (network classes and static fields) are recorded at trace time and put
-    back."""
+    back.
+
+    `config`: a text naming everything `one` depends on; with it, and the command line's
+    program directory set (`_program_cache`), the traced program is exported to disk and a
+    later process with the same configuration and argument signature deserialises it instead
+    of tracing and lowering it again."""
     static = []
 
     def chunk(alphas, shapes, seeds, etas, X, y):
         with host_validated():
             out = eqx.filter_vmap(one, in_axes=(0, 0, 0, 0, None, None))(alphas, shapes, seeds, etas, X, y)
         dynamic, static_part = eqx.partition(out, eqx.is_array)
-        static[:] = [static_part]
+        static[:] = [static_part, _program_cache.skeleton(out)]
         return dynamic
 
     jitted = jax.jit(chunk)
-    executables = {}  # argument signature (shape, dtype, sharding) -> compiled chunk
+    executables = {}  # argument signature (shape, dtype, sharding) -> function of the arguments
+
+    def traced(args, on_lowered):
+        lowered = jitted.lower(*args)
+        if on_lowered is not None:
+            on_lowered()
+        compiled = lowered.compile()
+        static_part = static[0]
+        return lambda *a: eqx.combine(compiled(*a), static_part)
+
+    def from_exported(exported, treedef, static_part, args, on_lowered):
+        def chunk_program(*a):  # named so: the compiled module is `jit_chunk_program`
+            return exported.call(*a)
+
+        lowered = jax.jit(chunk_program).lower(*args)
+        if on_lowered is not None:
+            on_lowered()
+        compiled = lowered.compile()
+        return lambda *a: eqx.combine(jax.tree_util.tree_unflatten(treedef, compiled(*a)), static_part)
+
+    def build(args, on_lowered):
+        path = None if config is None else _program_cache.program_path(config, args)
+        if path is None:
+            return traced(args, on_lowered)
+        found = _program_cache.load(path)
+        if found is not None:
+            try:
+                return from_exported(*found, args, on_lowered)
+            except Exception:  # noqa: BLE001 - a kept program this process cannot run: traced anew
+                pass
+        flat = jax.jit(lambda *a: jax.tree_util.tree_leaves(chunk(*a)))
+        try:
+            exported = jax.export.export(flat)(*args)
+        except Exception:  # noqa: BLE001 - e.g. a custom call jax.export cannot serialise
+            return traced(args, on_lowered)
+        _program_cache.save(path, exported, static[1])
+        return from_exported(exported, *_program_cache.split(static[1])[1:], args, on_lowered)
 
     def solve(*args, on_lowered=None):
         key = tuple((a.shape, a.dtype, a.sharding) for a in args)
         if key not in executables:
-            lowered = jitted.lower(*args)
-            if on_lowered is not None:
-                on_lowered()
-            executables[key] = lowered.compile()
-        return eqx.combine(executables[key](*args), static[0])
+            executables[key] = build(args, on_lowered)
+        return executables[key](*args)
 
     solve.lower = jitted.lower  # the compiled program, for inspection (tests: no host callback)
     solve.cache_size = lambda: len(executables)  # compiled versions (tests: no recompilation)
@@ -120,9 +159,10 @@ def _cached_chunk_solver(net, d, depth, width, slope, flow_kwargs, optimizer, tr
     sweep of the same network and options (new α, s, data values, or data of the same shapes)
     reuses the compiled program instead of tracing and compiling it again (~2.5 s on the
     Fig. 7.1 grid). Options that cannot be hashed (e.g. array-valued) get a fresh solver."""
-    build = lambda: _chunk_solver(_solver_fn(net, d, depth, width, slope, flow_kwargs, optimizer, train_kwargs))
     key = (net, d, depth, width, slope, tuple(sorted(flow_kwargs.items())), optimizer,
            tuple(sorted((train_kwargs or {}).items())))
+    build = lambda config=None: _chunk_solver(
+        _solver_fn(net, d, depth, width, slope, flow_kwargs, optimizer, train_kwargs), config)
     try:
         hash(key)
     except TypeError:
@@ -130,8 +170,22 @@ def _cached_chunk_solver(net, d, depth, width, slope, flow_kwargs, optimizer, tr
     if key not in _SOLVERS:
         if len(_SOLVERS) >= _SOLVERS_KEPT:
             _SOLVERS.pop(next(iter(_SOLVERS)))  # the oldest configuration
-        _SOLVERS[key] = build()
+        _SOLVERS[key] = build(repr(key) if _keepable(flow_kwargs, train_kwargs) else None)
     return _SOLVERS[key]
+
+
+def _keepable(*option_dicts) -> bool:
+    """Whether a configuration's text names its trace (`_program_cache`): every option a plain
+    number, string or None, or an object of ibflow's or diffrax's own classes (whose code the
+    program key's fingerprint covers). A user's own class or function could change its code
+    under the same text."""
+    for options in option_dicts:
+        for v in (options or {}).values():
+            if v is None or isinstance(v, (bool, int, float, str)):
+                continue
+            if type(v).__module__.split(".")[0] not in ("ibflow", "diffrax"):
+                return False
+    return True
 
 
 def _kernel_scale(alpha, shape):

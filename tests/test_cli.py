@@ -190,7 +190,7 @@ def test_compilation_cache_dir_resolution(monkeypatch, tmp_path):
 
 def test_sweep_compilation_cache_is_reused_across_data_values(tmp_path):
     """Two command-line sweeps on different data of the same shapes share one persistent cache:
-    the first stores the solve's program, the second finds it and adds none (the data are
+    the first stores the solve's program (compiled, and traced in `programs/`), the second finds it and adds none (the data are
     arguments, not constants, so the key does not depend on their values), and the second's limits are still the exact ones
     (dual Newton of the Thm 4.1 potential)."""
     import xarray as xr
@@ -218,6 +218,8 @@ def test_sweep_compilation_cache_is_reused_across_data_values(tmp_path):
                 ref = ib.dual_newton(ib.implicit_potential(ib.diagonal_init(float(a), float(s), 20)), D["X"], D["y"]).w
                 assert np.linalg.norm(w - ref) <= 1e-10 * np.linalg.norm(ref)
     assert len(entries[0]) == 1 and entries[1] == entries[0], entries
+    # The traced chunk program too (`_program_cache`): kept by the first sweep, found by the second.
+    assert len(os.listdir(cache / "programs")) == 1
 
 
 def test_module_entry_flushes_output_and_keeps_exit_status(files, tmp_path):

@@ -1,0 +1,135 @@
+"""Traced sweep programs kept on disk (`ibflow._program_cache`): found again only for the same
+configuration, shapes and code, and a sweep from a kept program gives the exact limits."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import ibflow as ib
+from ibflow import _program_cache, _sweep
+
+
+@pytest.fixture
+def program_dir(tmp_path):
+    _sweep._SOLVERS.clear()  # in-process compiled solvers would hide the disk
+    _program_cache.set_directory(str(tmp_path / "programs"))
+    yield tmp_path / "programs"
+    _program_cache.set_directory(None)
+    _sweep._SOLVERS.clear()
+
+
+def _limits_are_exact(ds, X, y, d):
+    assert (ds["status"].values == "converged").all() and ds["passed"].values.all()
+    for a in ds["alpha"].values:
+        for s in ds["shape"].values:
+            w = ds["predictor"].sel(alpha=a, shape=s).isel(seed=0).values
+            ref = ib.dual_newton(ib.implicit_potential(ib.diagonal_init(float(a), float(s), d)), X, y).w
+            assert np.linalg.norm(w - ref) <= 1e-10 * np.linalg.norm(ref)
+
+
+def test_program_path_keys():
+    args = (jnp.zeros(4), jnp.zeros((3, 5)))
+    _program_cache.set_directory(None)
+    assert _program_cache.program_path("cfg", args) is None  # off unless the command line turns it on
+    _program_cache.set_directory("/somewhere")
+    try:
+        p = _program_cache.program_path("cfg", args)
+        assert p is not None and p.startswith("/somewhere")
+        assert _program_cache.program_path("cfg", args) == p  # deterministic
+        assert _program_cache.program_path("cfg2", args) != p
+        assert _program_cache.program_path("cfg", (jnp.zeros(4), jnp.zeros((3, 6)))) != p
+        assert _program_cache.program_path("cfg", (jnp.zeros(4, jnp.float32), jnp.zeros((3, 5)))) != p
+        # An object named by its address could be another object in another process: never kept.
+        assert _program_cache.program_path(repr((lambda x: x,)), args) is None
+    finally:
+        _program_cache.set_directory(None)
+
+
+def _count_traces(monkeypatch):
+    """A counter of the traces of the sweep's per-point function (`_sweep._solver_fn`)."""
+    traces = []
+    make = _sweep._solver_fn
+
+    def counted(*a, **k):
+        one = make(*a, **k)
+
+        def traced_one(*args):
+            traces.append(1)
+            return one(*args)
+
+        return traced_one
+
+    monkeypatch.setattr(_sweep, "_solver_fn", counted)
+    return traces
+
+
+def test_kept_program_is_reused_without_tracing(program_dir, monkeypatch):
+    """The first sweep traces and exports its chunk program; a second one on other data of the
+    same shapes, in a fresh solver, deserialises it without tracing, and its limits are the exact
+    ones (dual Newton of the Thm 4.1 potential)."""
+    traces = _count_traces(monkeypatch)
+    kw = dict(alphas=[1e-3, 0.05, 1.0], shapes=[0.0, 0.7], certify=True, progress=False)
+    D0 = ib.sparse_regression(num_samples=8, dim=20, seed=0)
+    ds0 = ib.sweep(D0["X"], D0["y"], **kw)
+    files = sorted(os.listdir(program_dir))
+    assert len(files) == 1 and files[0].endswith(".ibflow-program")
+    assert len(traces) >= 1
+    _limits_are_exact(ds0, D0["X"], D0["y"], 20)
+
+    _sweep._SOLVERS.clear()
+    traces.clear()
+    D1 = ib.sparse_regression(num_samples=8, dim=20, seed=1)
+    ds1 = ib.sweep(D1["X"], D1["y"], **kw)
+    assert traces == [] and sorted(os.listdir(program_dir)) == files
+    _limits_are_exact(ds1, D1["X"], D1["y"], 20)
+
+    # The same sweep without the directory traces as before and gives the same numbers.
+    _program_cache.set_directory(None)
+    _sweep._SOLVERS.clear()
+    ref = ib.sweep(D1["X"], D1["y"], **kw)
+    assert len(traces) >= 1
+    np.testing.assert_allclose(ds1["predictor"].values, ref["predictor"].values, rtol=0, atol=1e-13)
+    np.testing.assert_array_equal(ds1["num_steps"].values, ref["num_steps"].values)
+
+
+def test_unexportable_program_is_traced_as_before(program_dir, monkeypatch):
+    """Where `jax.export` fails (e.g. a custom call it cannot serialise), the sweep traces and
+    compiles as without the directory, and keeps nothing."""
+    def fail(*a, **k):
+        raise ValueError("cannot export")
+
+    monkeypatch.setattr(jax.export, "export", fail)
+    D = ib.sparse_regression(num_samples=8, dim=20, seed=3)
+    ds = ib.sweep(D["X"], D["y"], alphas=[1e-2, 0.5], shapes=[0.0], certify=True, progress=False)
+    _limits_are_exact(ds, D["X"], D["y"], 20)
+    assert not program_dir.exists() or os.listdir(program_dir) == []
+
+
+def test_damaged_program_is_traced_again(program_dir):
+    kw = dict(alphas=[1e-2, 0.5], shapes=[0.0], progress=False)
+    D = ib.sparse_regression(num_samples=8, dim=20, seed=2)
+    ib.sweep(D["X"], D["y"], **kw)
+    (path,) = [program_dir / f for f in os.listdir(program_dir)]
+    path.write_bytes(b"not a program")
+    _sweep._SOLVERS.clear()
+    ds = ib.sweep(D["X"], D["y"], certify=True, **kw)
+    _limits_are_exact(ds, D["X"], D["y"], 20)
+    assert _program_cache.load(str(path)) is not None  # written anew
+
+
+def test_only_configurations_named_by_their_text_are_kept():
+    """Options of ibflow's or diffrax's classes and plain values name their trace; a user's own
+    function or class could change its code under the same text, so such sweeps keep nothing."""
+    import diffrax
+
+    assert _sweep._keepable(dict(rtol=1e-4, mode="auto", max_steps=10, solver=ib.LinearlyImplicitExtrapolation(5)),
+                            dict(loss=ib.SquareLoss(), solver=diffrax.Kvaerno5(), dt0=None))
+    assert not _sweep._keepable(dict(warp=lambda net: 1.0))
+
+    class MyLoss(ib.SquareLoss):
+        pass
+
+    assert not _sweep._keepable(dict(loss=MyLoss()))
