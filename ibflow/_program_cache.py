@@ -17,9 +17,9 @@ settings that change a trace (x64, default matmul precision), the devices, and a
 ibflow's source files and of the versions of JAX, jaxlib, Equinox, diffrax, lineax, optimistix,
 optax and NumPy: a program traced by other code is never reused. A configuration whose text
 names an object by its address (`<function f at 0x...>`) is never kept, since another process
-may give another object the same address. The output structure is stored with `pickle`: the directory
-is trusted as JAX's compilation cache is. Any failure to read or write the directory only costs
-the speed-up.
+may give another object the same address. The output structure is stored with `pickle`: the
+directory is trusted as JAX's compilation cache is. Any failure to read or write the directory
+only costs the speed-up.
 """
 
 import functools
