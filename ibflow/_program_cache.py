@@ -33,6 +33,8 @@ import equinox as eqx
 import jax
 
 _directory: str | None = None  #: set by the command line (`set_directory`); None: off
+#: Programs kept at most (~80 KB each for the Fig. 7.1 sweep's chunk); the least recently used go.
+MAX_PROGRAMS = 256
 
 
 def set_directory(path: str | None) -> None:
@@ -97,9 +99,13 @@ def load(path: str):
         structs, treedef, static = split(skel)
         if [(tuple(s.shape), s.dtype) for s in structs] != [(tuple(a.shape), a.dtype) for a in exported.out_avals]:
             return None
-        return exported, treedef, static
     except Exception:  # noqa: BLE001 - a damaged or foreign file only costs the speed-up
         return None
+    try:
+        os.utime(path)  # recently used (`_prune`)
+    except OSError:
+        pass  # a read-only directory: still usable
+    return exported, treedef, static
 
 
 def save(path: str, exported, skel) -> None:
@@ -112,6 +118,16 @@ def save(path: str, exported, skel) -> None:
         with os.fdopen(fd, "wb") as f:
             pickle.dump((bytes(blob), skel), f)
         os.replace(tmp, path)
+        _prune(os.path.dirname(path))
     except Exception:  # noqa: BLE001 - an unwritable directory only costs the speed-up
         if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _prune(directory: str) -> None:
+    """Remove the least recently used programs beyond `MAX_PROGRAMS`."""
+    entries = [e for e in os.scandir(directory) if e.name.endswith(".ibflow-program")]
+    if len(entries) > MAX_PROGRAMS:
+        entries.sort(key=lambda e: e.stat().st_mtime)
+        for e in entries[:len(entries) - MAX_PROGRAMS]:
+            os.unlink(e.path)

@@ -133,3 +133,20 @@ def test_only_configurations_named_by_their_text_are_kept():
         pass
 
     assert not _sweep._keepable(dict(loss=MyLoss()))
+
+
+def test_least_recently_used_programs_are_pruned(tmp_path, monkeypatch):
+    """At most `MAX_PROGRAMS` files stay; a program just used (loaded) outlives older ones."""
+    monkeypatch.setattr(_program_cache, "MAX_PROGRAMS", 2)
+    exported = jax.export.export(jax.jit(lambda x: [2 * x]))(jnp.zeros(3))
+    skel = [jax.ShapeDtypeStruct((3,), jnp.zeros(3).dtype)]
+    paths = [str(tmp_path / f"p{i}.ibflow-program") for i in range(3)]
+    _program_cache.save(paths[0], exported, skel)
+    _program_cache.save(paths[1], exported, skel)
+    os.utime(paths[0], (1, 1))
+    os.utime(paths[1], (2, 2))
+    assert _program_cache.load(paths[0]) is not None  # used now: the newest
+    _program_cache.save(paths[2], exported, skel)
+    assert sorted(os.listdir(tmp_path)) == ["p0.ibflow-program", "p2.ibflow-program"]
+    found = _program_cache.load(paths[2])
+    assert found is not None and float(found[0].call(jnp.ones(3))[0][1]) == 2.0
