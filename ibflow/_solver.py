@@ -51,8 +51,8 @@ class LinearlyImplicitExtrapolation(dfx.AbstractAdaptiveSolver):
     Requires `args` of `diffeqsolve` to provide either `stiff_matrix(y, product_dtype) -> M`,
     a symmetric positive semi-definite matrix on the flattened state with `A = −M` (for
     low-dimensional states such as `ReducedFlowProblem`'s; `product_dtype` is `w_matrix_dtype`,
-    to be used only where it is lower than the state's precision), or `gauss_newton(y) -> (K, apply, apply_T)`
-    with `K = GGᵀ` (N×N), `apply(b) = Gb`, `apply_T(z) = Gᵀz`, where `GᵀG` is the
+    to be used only where it is lower than the state's precision), or
+    `gauss_newton(y) -> (K, apply, apply_T)` with `K = GGᵀ` (N×N), `apply(b) = Gb`, `apply_T(z) = Gᵀz`, where `GᵀG` is the
     Gauss–Newton Hessian in flattened coordinates (see `GradientFlowProblem`). An optional
     fourth element `(D, C)` adds stiff coordinates outside G's range (zero columns of G,
     e.g. the flow-time variable of `MarginFlowProblem`): their rows of A are

@@ -91,14 +91,13 @@ def _chunk_solver(one, config=None):
     program directory set (`_program_cache`), the traced program is exported to disk and a
     later process with the same configuration and argument signature deserialises it instead
     of tracing and lowering it again."""
-    static = []
+    skeleton = []  # the outputs' structure, recorded at trace time
 
     def chunk(alphas, shapes, seeds, etas, X, y):
         with host_validated():
             out = eqx.filter_vmap(one, in_axes=(0, 0, 0, 0, None, None))(alphas, shapes, seeds, etas, X, y)
-        dynamic, static_part = eqx.partition(out, eqx.is_array)
-        static[:] = [static_part, _program_cache.skeleton(out)]
-        return dynamic
+        skeleton[:] = [_program_cache.skeleton(out)]  # its non-array part is put back on the results
+        return eqx.filter(out, eqx.is_array)
 
     jitted = jax.jit(chunk)
     executables = {}  # argument signature (shape, dtype, sharding) -> function of the arguments
@@ -108,7 +107,7 @@ def _chunk_solver(one, config=None):
         if on_lowered is not None:
             on_lowered()
         compiled = lowered.compile()
-        static_part = static[0]
+        static_part = _program_cache.split(skeleton[0])[2]
         return lambda *a: eqx.combine(compiled(*a), static_part)
 
     def from_exported(exported, treedef, static_part, args, on_lowered):
@@ -136,8 +135,8 @@ def _chunk_solver(one, config=None):
             exported = jax.export.export(flat)(*args)
         except Exception:  # noqa: BLE001 - e.g. a custom call jax.export cannot serialise
             return traced(args, on_lowered)
-        _program_cache.save(path, exported, static[1])
-        return from_exported(exported, *_program_cache.split(static[1])[1:], args, on_lowered)
+        _program_cache.save(path, exported, skeleton[0])
+        return from_exported(exported, *_program_cache.split(skeleton[0])[1:], args, on_lowered)
 
     def solve(*args, on_lowered=None):
         key = tuple((a.shape, a.dtype, a.sharding) for a in args)

@@ -190,9 +190,10 @@ def test_compilation_cache_dir_resolution(monkeypatch, tmp_path):
 
 def test_sweep_compilation_cache_is_reused_across_data_values(tmp_path):
     """Two command-line sweeps on different data of the same shapes share one persistent cache:
-    the first stores the solve's program (compiled, and traced in `programs/`), the second finds it and adds none (the data are
-    arguments, not constants, so the key does not depend on their values), and the second's limits are still the exact ones
-    (dual Newton of the Thm 4.1 potential)."""
+    the first stores the solve's program (compiled, and traced in `programs/`), the second finds
+    it and adds none (the data are arguments, not constants, so the key does not depend on their
+    values), and the second's limits are still the exact ones (dual Newton of the Thm 4.1
+    potential)."""
     import xarray as xr
 
     cache = tmp_path / "cache"
