@@ -29,6 +29,7 @@ import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 from jaxtyping import Array, Float
 
+from ._checks import checks_enabled, value_check
 from ._flow import check_data, gauss_newton_factor, invariant_drift
 from ._losses import AbstractMarginLoss, ExponentialLoss
 from ._networks import AbstractNetwork, FullyConnectedNet
@@ -265,15 +266,17 @@ def margin_flow(
             raise ValueError("record levels must all lie above the stopping level")
     log_levels = jnp.asarray(levels + [log_stop], dtype)
     return _margin_flow(net, X, y, loss, solver, jnp.asarray(rtol, dtype), jnp.asarray(atol, dtype), log_levels,
-                        jnp.asarray(jnp.log1p(until_time), dtype), max_steps, throw)
+                        jnp.asarray(jnp.log1p(until_time), dtype), max_steps, throw, checks_enabled())
 
 
 @eqx.filter_jit
-def _margin_flow(net, X, y, loss, solver, rtol, atol, log_levels, log1p_t_max, max_steps, throw):
-    X, y = check_data(net, X, y)
+def _margin_flow(net, X, y, loss, solver, rtol, atol, log_levels, log1p_t_max, max_steps, throw, checks):
+    """The jitted body of `margin_flow` (`checks`: static, False when traced inside
+    `_checks.host_validated()`: the caller checked X finite and y in {-1, +1} on the host)."""
+    X, y = check_data(net, X, y, checks)
     if not isinstance(loss, AbstractMarginLoss):
         raise TypeError(f"margin_flow needs a margin loss (exp or logistic), got {type(loss).__name__}")
-    y = eqx.error_if(y, ~jnp.all(jnp.abs(y) == 1), "classification labels y must be +1 or -1")
+    y = value_check(y, ~jnp.all(jnp.abs(y) == 1), "classification labels y must be +1 or -1", checks)
     if solver is None:
         solver = LinearlyImplicitExtrapolation(order_k=5)
     params, frozen = eqx.partition(net, net.trainable())

@@ -174,6 +174,7 @@ def _add_regression_fields(out, args, data, net, w):
 def cmd_run(args) -> int:
     import jax
 
+    from ._checks import host_validated
     from ._flow import _check_mode, gradient_flow
     from ._losses import SquareLoss
 
@@ -193,8 +194,12 @@ def cmd_run(args) -> int:
     except ValueError as e:
         raise InputError(f"--net {args.net}: {e}") from None
     t0 = time.perf_counter()
-    sol = gradient_flow(net0, X, y, rtol=args.rtol, atol=args.atol, loss_rtol=args.loss_rtol, mode=args.mode,
-                        max_steps=args.max_steps, throw=False)
+    # `load_data` checked X and y on the host (finite, shapes), so the flow is traced without
+    # value checks: a program with `eqx.error_if` holds a host callback, and JAX never keeps
+    # such a program in its persistent compilation cache (`_checks`).
+    with host_validated():
+        sol = gradient_flow(net0, X, y, rtol=args.rtol, atol=args.atol, loss_rtol=args.loss_rtol, mode=args.mode,
+                            max_steps=args.max_steps, throw=False)
     jax.block_until_ready(sol.predictor)
     wall = time.perf_counter() - t0
     w = np.asarray(sol.predictor)
@@ -231,6 +236,7 @@ def cmd_run(args) -> int:
 def _run_optimizer(args, data, net0) -> int:
     import jax
 
+    from ._checks import host_validated
     from ._flow import gradient_flow
     from ._train import sharpness, train
 
@@ -249,16 +255,20 @@ def _run_optimizer(args, data, net0) -> int:
         raise InputError("--sharpness-every must be >= 1")
     # The gradient-flow limit from the same initialisation: the reference for the
     # step-size bias and for the stability check (is its sharpness above 2/eta?).
-    flow = gradient_flow(net0, X, y, rtol=args.rtol, atol=args.atol, loss_rtol=args.loss_rtol, mode=args.mode,
-                         throw=False)
+    # X and y (`load_data`) and the step size (above) are checked on the host: both programs are
+    # traced without value checks, so JAX's persistent compilation cache can keep them (`_checks`).
+    with host_validated():
+        flow = gradient_flow(net0, X, y, rtol=args.rtol, atol=args.atol, loss_rtol=args.loss_rtol, mode=args.mode,
+                             throw=False)
     flow_ok = flow.status == "converged"
     flow_sharp = float(sharpness(flow.network, X, y)) if flow_ok else None
     t0 = time.perf_counter()
-    sol = train(net0, X, y, optimizer=args.optimizer, step_size=args.step_size, batch_size=args.batch_size,
-                momentum=args.momentum, label_noise=args.label_noise, loss_rtol=args.loss_rtol,
-                max_steps=args.max_steps if args.max_steps_given else 2_000_000,
-                sharpness_every=args.sharpness_every, key=jax.random.PRNGKey(args.seed),
-                reference_sharpness=flow_sharp, throw=False)
+    with host_validated():
+        sol = train(net0, X, y, optimizer=args.optimizer, step_size=args.step_size, batch_size=args.batch_size,
+                    momentum=args.momentum, label_noise=args.label_noise, loss_rtol=args.loss_rtol,
+                    max_steps=args.max_steps if args.max_steps_given else 2_000_000,
+                    sharpness_every=args.sharpness_every, key=jax.random.PRNGKey(args.seed),
+                    reference_sharpness=flow_sharp, throw=False)
     jax.block_until_ready(sol.predictor)
     wall = time.perf_counter() - t0
     w = np.asarray(sol.predictor)
@@ -326,6 +336,7 @@ def _log_level(text):
 def _run_margin(args, data, net0) -> int:
     import jax
 
+    from ._checks import host_validated
     from ._classify import margin_flow
     from ._losses import loss_by_name
     from ._margin import NotSeparableError, check_separable
@@ -347,8 +358,9 @@ def _run_margin(args, data, net0) -> int:
         _write_json(args.out, dict(net=args.net, loss_name=args.loss, status="not separable", reason=str(e)))
         return _fail(str(e), code=2)
     t0 = time.perf_counter()
-    sol = margin_flow(net0, X, y, loss=loss_by_name(args.loss), log_until_loss=log_stop, until_time=args.until_time,
-                      max_steps=args.max_steps, throw=False)
+    with host_validated():  # X finite (`load_data`) and y in {-1, +1} (above), checked on the host
+        sol = margin_flow(net0, X, y, loss=loss_by_name(args.loss), log_until_loss=log_stop,
+                          until_time=args.until_time, max_steps=args.max_steps, throw=False)
     jax.block_until_ready(sol.predictor)
     wall = time.perf_counter() - t0
     w = np.asarray(sol.predictor)

@@ -44,6 +44,23 @@ def test_check_free_trace_of_gradient_flow_is_not_reused(small):
         ib.gradient_flow(net, X.at[0, 0].set(jnp.nan), y, throw=False).loss.block_until_ready()
 
 
+def test_check_free_trace_of_margin_flow_is_not_reused():
+    """The same for `margin_flow` (the command line traces it inside `host_validated()` after
+    checking the labels on the host): the check-free program reaches the same margin, and an
+    ordinary call with labels outside {-1, +1} still raises."""
+    rng = np.random.default_rng(1)
+    X = jnp.asarray(rng.standard_normal((6, 4)))
+    y = jnp.sign(X @ jnp.asarray(rng.standard_normal(4)))
+    net = ib.fully_connected_init(0.5, 0.2, 4, key=jax.random.PRNGKey(0))
+    with host_validated():
+        free = ib.margin_flow(net, X, y, until_loss=1e-6, throw=False)
+    checked = ib.margin_flow(net, X, y, until_loss=1e-6, throw=False)
+    assert free.status == checked.status == "converged"
+    np.testing.assert_allclose(np.asarray(free.predictor), np.asarray(checked.predictor), rtol=1e-12)
+    with pytest.raises(Exception, match="labels y must be"):
+        ib.margin_flow(net, X, 2 * y, until_loss=1e-6, throw=False).predictor.block_until_ready()
+
+
 def test_sweep_checks_data_on_the_host(small):
     X, y = small
     with pytest.raises(ValueError, match="finite"):
