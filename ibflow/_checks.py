@@ -2,8 +2,9 @@
 
 `value_check(x, pred, msg)` is `eqx.error_if`: it raises at run time, under `jit` and `vmap`
 too. A caller that has already checked the same values on the host (the sweep checks α, s,
-step sizes and the data with NumPy before it compiles anything) traces inside
-`host_validated()`, and the checks are left out of the program. That matters for speed, not
+step sizes and the data with NumPy before it compiles anything; `ibflow run` its data file,
+labels and step size) traces inside `host_validated()`, and the checks are left out of the
+program. That matters for speed, not
 for correctness: an executable with an `error_if` holds a host callback, and JAX runs such an
 executable synchronously (the sweep's next chunk could not solve while the current one is
 certified) and never stores it in its persistent compilation cache.
