@@ -1,17 +1,19 @@
-"""Traced sweep programs kept on disk between processes (`jax.export`).
+"""Traced programs kept on disk between processes (`jax.export`).
 
 JAX's persistent compilation cache lets a later process skip XLA's compilation of a program it
 has compiled before, but not the tracing and lowering that produce the program (1.9-2.3 s for
 the Azulay Fig. 7.1 sweep's chunk on 2 cores, more than the compilation left to do). The
-command line therefore also keeps each traced chunk program, serialised with `jax.export`
-(StableHLO, no Python), together with the structure of its outputs, and a later sweep of the
-same configuration and shapes deserialises it instead of tracing again; its compilation then
-comes from the compilation cache. Measured (Fig. 7.1 grid, `ibflow sweep --certify` on new data
-after a first sweep filled both caches, 4 interleaved pairs): 0.5-0.6 s from the end of the
-imports to the lowered chunk program against 1.9-2.3 s, whole command 5.4-7.1 s against
-7.1-9.3 s.
+command line therefore also keeps each traced program (`compile_program`: a sweep's chunk
+program, `ibflow run`'s gradient flow), serialised with `jax.export` (StableHLO, no Python),
+together with the structure of its outputs, and a later command of the same configuration and
+shapes deserialises it instead of tracing again; its compilation then comes from the
+compilation cache. Measured (2 cores, both caches filled by a first command): `ibflow sweep
+--certify` of the Fig. 7.1 grid on new data, 0.5-0.6 s from the end of the imports to the
+lowered chunk program against 1.9-2.3 s, whole command 5.4-7.1 s against 7.1-9.3 s (4
+interleaved pairs); `ibflow run --certify` at d = 1000, the flow 0.73-0.93 s against
+1.64-2.12 s, whole command 3.7-5.0 s against 4.9-5.9 s (4 interleaved pairs).
 
-A program is found again only under a key of everything its trace depends on: the sweep's
+A program is found again only under a key of everything its trace depends on: the command's
 configuration (network, options, solver), the arguments' shapes, dtypes and shardings, the JAX
 settings that change a trace (x64, default matmul precision), the devices, and a fingerprint of
 ibflow's source files and of the versions of JAX, jaxlib, Equinox, diffrax, lineax, optimistix,
@@ -61,7 +63,7 @@ def source_fingerprint() -> str:
 
 
 def program_path(config: str, args) -> str | None:
-    """The file of the program traced for `config` (a text naming the sweep's configuration)
+    """The file of the program traced for `config` (a text naming the program's configuration)
     and `args` (arrays), or None when programs are not kept or `config` names an address."""
     if _directory is None or "0x" in config:
         return None
@@ -131,3 +133,58 @@ def _prune(directory: str) -> None:
         entries.sort(key=lambda e: e.stat().st_mtime)
         for e in entries[:len(entries) - MAX_PROGRAMS]:
             os.unlink(e.path)
+
+
+def compile_program(fn, args, config: str | None = None, name: str = "program", on_lowered=None):
+    """`fn` (a function of the arrays `args` returning a PyTree) compiled for `args`'s signature:
+    returns a function of arrays of that signature giving `fn`'s output, its non-array part (e.g.
+    static fields of Equinox modules) recorded when `fn` was traced and put back.
+
+    With a `config` (a text naming everything `fn` depends on besides `args`) and programs kept
+    (`set_directory`), a program kept under (`config`, `args`) is deserialised instead of tracing
+    `fn`; else `fn` is traced, exported and kept. Without, or when exporting or a kept program
+    fails, `fn` is traced as by `jax.jit`. The compiled module is named `jit_<name>` when traced
+    here and `jit_<name>_program` when it comes from an exported program. `on_lowered()` is
+    called between lowering and XLA's compilation, which releases the GIL."""
+    recorded = []  # the outputs' skeleton, recorded at trace time
+
+    def program(*a):
+        out = fn(*a)
+        recorded[:] = [skeleton(out)]
+        return eqx.filter(out, eqx.is_array)
+
+    program.__name__ = program.__qualname__ = name
+
+    def compile_lowered(lowered):
+        if on_lowered is not None:
+            on_lowered()
+        return lowered.compile()
+
+    def from_exported(exported, treedef, static):
+        def call(*a):
+            return exported.call(*a)
+
+        call.__name__ = call.__qualname__ = f"{name}_program"
+        compiled = compile_lowered(jax.jit(call).lower(*args))
+        return lambda *a: eqx.combine(jax.tree_util.tree_unflatten(treedef, compiled(*a)), static)
+
+    def traced():
+        compiled = compile_lowered(jax.jit(program).lower(*args))
+        static = split(recorded[0])[2]
+        return lambda *a: eqx.combine(compiled(*a), static)
+
+    path = None if config is None else program_path(config, args)
+    if path is None:
+        return traced()
+    found = load(path)
+    if found is not None:
+        try:
+            return from_exported(*found)
+        except Exception:  # noqa: BLE001 - a kept program this process cannot run: traced anew
+            pass
+    try:
+        exported = jax.export.export(jax.jit(lambda *a: jax.tree_util.tree_leaves(program(*a))))(*args)
+    except Exception:  # noqa: BLE001 - e.g. a custom call jax.export cannot serialise
+        return traced()
+    save(path, exported, recorded[0])
+    return from_exported(exported, *split(recorded[0])[1:])

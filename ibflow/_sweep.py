@@ -91,60 +91,20 @@ def _chunk_solver(one, config=None):
     program directory set (`_program_cache`), the traced program is exported to disk and a
     later process with the same configuration and argument signature deserialises it instead
     of tracing and lowering it again."""
-    skeleton = []  # the outputs' structure, recorded at trace time
-
     def chunk(alphas, shapes, seeds, etas, X, y):
         with host_validated():
-            out = eqx.filter_vmap(one, in_axes=(0, 0, 0, 0, None, None))(alphas, shapes, seeds, etas, X, y)
-        skeleton[:] = [_program_cache.skeleton(out)]  # its non-array part is put back on the results
-        return eqx.filter(out, eqx.is_array)
+            return eqx.filter_vmap(one, in_axes=(0, 0, 0, 0, None, None))(alphas, shapes, seeds, etas, X, y)
 
-    jitted = jax.jit(chunk)
     executables = {}  # argument signature (shape, dtype, sharding) -> function of the arguments
-
-    def traced(args, on_lowered):
-        lowered = jitted.lower(*args)
-        if on_lowered is not None:
-            on_lowered()
-        compiled = lowered.compile()
-        static_part = _program_cache.split(skeleton[0])[2]
-        return lambda *a: eqx.combine(compiled(*a), static_part)
-
-    def from_exported(exported, treedef, static_part, args, on_lowered):
-        def chunk_program(*a):  # named so: the compiled module is `jit_chunk_program`
-            return exported.call(*a)
-
-        lowered = jax.jit(chunk_program).lower(*args)
-        if on_lowered is not None:
-            on_lowered()
-        compiled = lowered.compile()
-        return lambda *a: eqx.combine(jax.tree_util.tree_unflatten(treedef, compiled(*a)), static_part)
-
-    def build(args, on_lowered):
-        path = None if config is None else _program_cache.program_path(config, args)
-        if path is None:
-            return traced(args, on_lowered)
-        found = _program_cache.load(path)
-        if found is not None:
-            try:
-                return from_exported(*found, args, on_lowered)
-            except Exception:  # noqa: BLE001 - a kept program this process cannot run: traced anew
-                pass
-        flat = jax.jit(lambda *a: jax.tree_util.tree_leaves(chunk(*a)))
-        try:
-            exported = jax.export.export(flat)(*args)
-        except Exception:  # noqa: BLE001 - e.g. a custom call jax.export cannot serialise
-            return traced(args, on_lowered)
-        _program_cache.save(path, exported, skeleton[0])
-        return from_exported(exported, *_program_cache.split(skeleton[0])[1:], args, on_lowered)
 
     def solve(*args, on_lowered=None):
         key = tuple((a.shape, a.dtype, a.sharding) for a in args)
         if key not in executables:
-            executables[key] = build(args, on_lowered)
+            executables[key] = _program_cache.compile_program(chunk, args, config, "chunk", on_lowered)
         return executables[key](*args)
 
-    solve.lower = jitted.lower  # the compiled program, for inspection (tests: no host callback)
+    # the compiled program, for inspection (tests: no host callback)
+    solve.lower = jax.jit(lambda *a: eqx.filter(chunk(*a), eqx.is_array)).lower
     solve.cache_size = lambda: len(executables)  # compiled versions (tests: no recompilation)
     return solve
 

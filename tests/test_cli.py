@@ -223,35 +223,41 @@ def test_sweep_compilation_cache_is_reused_across_data_values(tmp_path):
     assert len(os.listdir(cache / "programs")) == 1
 
 
-def test_run_flow_programs_go_to_the_compilation_cache(files, tmp_path):
+def test_run_flow_programs_are_kept_and_reused(tmp_path):
     """`ibflow run` checks its data on the host and traces its flows without `eqx.error_if`
     (`_checks.host_validated`): a program holding such a host callback is never stored in JAX's
     persistent compilation cache, so every command compiled its flow anew (~5 s at d = 1000).
-    The regression flow and the margin flow must both be stored after one command each, and
-    their results must still be the exact ones (the regression limit against the dual Newton
-    solve of the Thm 4.1 potential; the margin flow converged and certified)."""
-    p, D = files
+    The regression flow is also kept traced (`programs/`, `_cli._run_flow`): a second command on
+    other data of the same shapes adds no compiled program and no traced one, and its limit is
+    still the exact one (dual Newton on the Thm 4.1 potential). The margin flow's program is
+    stored too, and the flow is certified."""
     cache = tmp_path / "cache"
     env = dict(os.environ, IBFLOW_CACHE_DIR=str(cache))
     rng = np.random.default_rng(7)
     Xc = rng.standard_normal((8, 5))
     np.savez(tmp_path / "cls.npz", X=Xc, y=np.sign(Xc @ rng.standard_normal(5)))
-    commands = [["--data", str(p / "d.npz"), "--net", "diagonal", "--alpha", "0.1", "--shape", "0.5"],
-                ["--data", str(tmp_path / "cls.npz"), "--net", "fc", "--alpha", "0.5", "--shape", "0.3", "--loss",
-                 "exp", "--until-loss", "1e-10"]]
-    results = []
-    for args in commands:
-        proc = subprocess.run([sys.executable, "-m", "ibflow", "run", *args, "--certify", "--out",
+    entries = []
+    for seed in (0, 1):
+        D = ib.sparse_regression(num_samples=6, dim=10, seed=seed)
+        np.savez(tmp_path / f"d{seed}.npz", X=D["X"], y=D["y"])
+        proc = subprocess.run([sys.executable, "-m", "ibflow", "run", "--data", str(tmp_path / f"d{seed}.npz"),
+                               "--net", "diagonal", "--alpha", "0.1", "--shape", "0.5", "--certify", "--out",
                                str(tmp_path / "r.json")], capture_output=True, text=True, env=env)
         assert proc.returncode == 0, proc.stderr
-        results.append(json.loads((tmp_path / "r.json").read_text()))
-    kept = os.listdir(cache)
-    assert any(name.startswith("jit__gradient_flow-") for name in kept), kept
-    assert any(name.startswith("jit__margin_flow-") for name in kept), kept
-    ref = ib.dual_newton(ib.implicit_potential(ib.diagonal_init(0.1, 0.5, 10)), D["X"], D["y"]).w
-    w = np.asarray(results[0]["predictor"])
-    assert np.linalg.norm(w - ref) <= 1e-10 * np.linalg.norm(ref)
-    assert results[1]["status"] == "converged" and results[1]["certificate"]["passed"]
+        r = json.loads((tmp_path / "r.json").read_text())
+        ref = ib.dual_newton(ib.implicit_potential(ib.diagonal_init(0.1, 0.5, 10)), D["X"], D["y"]).w
+        assert r["status"] == "converged" and r["certificate"]["passed"]
+        assert np.linalg.norm(np.asarray(r["predictor"]) - ref) <= 1e-10 * np.linalg.norm(ref)
+        entries.append((sorted(n for n in os.listdir(cache) if n.startswith("jit_run_flow")),
+                        sorted(os.listdir(cache / "programs"))))
+    assert len(entries[0][0]) == 1 and len(entries[0][1]) == 1 and entries[1] == entries[0], entries
+    proc = subprocess.run([sys.executable, "-m", "ibflow", "run", "--data", str(tmp_path / "cls.npz"), "--net", "fc",
+                           "--alpha", "0.5", "--shape", "0.3", "--loss", "exp", "--until-loss", "1e-10", "--certify",
+                           "--out", str(tmp_path / "m.json")], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr
+    r = json.loads((tmp_path / "m.json").read_text())
+    assert r["status"] == "converged" and r["certificate"]["passed"]
+    assert any(name.startswith("jit__margin_flow-") for name in os.listdir(cache)), os.listdir(cache)
 
 
 def test_module_entry_flushes_output_and_keeps_exit_status(files, tmp_path):

@@ -1,8 +1,9 @@
-"""Traced sweep programs kept on disk (`ibflow._program_cache`): found again only for the same
-configuration, shapes and code, and a sweep from a kept program gives the exact limits."""
+"""Traced programs kept on disk (`ibflow._program_cache`): found again only for the same
+configuration, shapes and code, and a sweep or a run from a kept program gives the exact limits."""
 
 import os
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -46,6 +47,36 @@ def test_program_path_keys():
         assert _program_cache.program_path(repr((lambda x: x,)), args) is None
     finally:
         _program_cache.set_directory(None)
+
+
+class _Out(eqx.Module):  # module level: the kept skeleton is pickled
+    value: jax.Array
+    label: str = eqx.field(static=True)
+
+
+def test_compile_program_restores_static_fields_and_skips_the_trace(program_dir):
+    """`compile_program` on its own: the first call traces and keeps the program, a second call
+    with the same configuration and shapes (new values) runs the kept program without calling
+    the function, and both return its output with the non-array part (a static field) put back."""
+    calls = []
+
+    def fn(a, b):
+        calls.append(1)
+        return _Out(jnp.sin(a) @ b, "kept"), {"n": a.shape[0]}
+
+    a, b = jnp.linspace(0.0, 1.0, 3), jnp.arange(6.0).reshape(3, 2)
+    out, extra = _program_cache.compile_program(fn, (a, b), "test-config", "test_fn")(a, b)
+    assert calls and out.label == "kept" and extra == {"n": 3}
+    np.testing.assert_allclose(out.value, np.sin(np.asarray(a)) @ np.asarray(b), rtol=1e-15)
+    assert len(os.listdir(program_dir)) == 1
+    calls.clear()
+    a2 = a + 0.5
+    out2, extra2 = _program_cache.compile_program(fn, (a2, b), "test-config", "test_fn")(a2, b)
+    assert not calls and out2.label == "kept" and extra2 == {"n": 3}
+    np.testing.assert_allclose(out2.value, np.sin(np.asarray(a2)) @ np.asarray(b), rtol=1e-15)
+    # another configuration is traced anew
+    _program_cache.compile_program(fn, (a, b), "other-config", "test_fn")(a, b)
+    assert calls and len(os.listdir(program_dir)) == 2
 
 
 def _count_traces(monkeypatch):
