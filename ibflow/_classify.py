@@ -22,6 +22,8 @@ a few hundred steps of the stiff solver (`LinearlyImplicitExtrapolation`, whose
 Gauss–Newton factor is built from the curvature of log L).
 """
 
+import math
+
 import diffrax as dfx
 import equinox as eqx
 import jax
@@ -253,13 +255,22 @@ def margin_flow(
     the number of recorded levels is unchanged.
     """
     dtype = jnp.result_type(float)
-    log_stop = float(jnp.log(until_loss)) if log_until_loss is None else float(log_until_loss)
+    # Host arithmetic (`math`), not `jnp`: under `jax.jit` a jnp result is a tracer, and the
+    # levels are static (they set the number of recorded segments).
+    if log_until_loss is None:
+        if not 0 < float(until_loss) < 1:
+            raise ValueError(f"the stopping loss level must be below 1 and positive, got until_loss = {until_loss}")
+        log_stop = math.log(float(until_loss))
+    else:
+        log_stop = float(log_until_loss)
     if not log_stop < 0:
         raise ValueError(f"the stopping loss level must be below 1, got log L = {log_stop}")
     if log_record_losses is None and record_losses is not None:
-        log_record_losses = [float(jnp.log(v)) for v in record_losses]
+        if not all(float(v) > 0 for v in record_losses):
+            raise ValueError("record levels must be > 0")
+        log_record_losses = [math.log(float(v)) for v in record_losses]
     if log_record_losses is None:
-        levels = [-e * float(jnp.log(10.0)) for e in default_record_exponents(-log_stop / float(jnp.log(10.0)))]
+        levels = [-e * math.log(10.0) for e in default_record_exponents(-log_stop / math.log(10.0))]
     else:
         levels = sorted((float(v) for v in log_record_losses), reverse=True)
         if any(v <= log_stop for v in levels):

@@ -227,22 +227,23 @@ def cmd_run(args) -> int:
     return 0
 
 
-def _run_flow(net0, X, y, args):
-    """`gradient_flow` of `ibflow run` from `net0`, as a program of the network's arrays and the
+def _kept_flow(name, solve, options, net0, X, y):
+    """`solve(net0, X, y)` (a flow of `ibflow run`) as a program of the network's arrays and the
     data (`_program_cache.compile_program`): a later command with the same network structure,
-    options and shapes takes it from the program directory instead of tracing it again
-    (~1 s at d = 1000), and its compilation from JAX's compilation cache.
+    `options` (everything else `solve` depends on) and shapes takes it from the program
+    directory instead of tracing it again (~1 s at d = 1000), and its compilation from JAX's
+    compilation cache.
 
-    `load_data` checked X and y on the host (finite, shapes), so the flow is traced without
-    value checks: a program with `eqx.error_if` holds a host callback, and JAX never keeps
-    such a program in its persistent compilation cache (`_checks`)."""
+    The caller checked X and y on the host (`load_data`: finite, shapes; labels for the margin
+    flow), so the flow is traced without value checks: a program with `eqx.error_if` holds a
+    host callback, and JAX never keeps such a program in its persistent compilation cache
+    (`_checks`)."""
     import equinox as eqx
     import jax
     import jax.numpy as jnp
 
     from . import _program_cache
     from ._checks import host_validated
-    from ._flow import gradient_flow
 
     arrays, static = eqx.partition(net0, eqx.is_array)
     leaves, treedef = jax.tree_util.tree_flatten(arrays)
@@ -250,12 +251,22 @@ def _run_flow(net0, X, y, args):
     def flow(*a):
         net = eqx.combine(jax.tree_util.tree_unflatten(treedef, a[:-2]), static)
         with host_validated():
-            return gradient_flow(net, a[-2], a[-1], rtol=args.rtol, atol=args.atol, loss_rtol=args.loss_rtol,
-                                 mode=args.mode, max_steps=args.max_steps, throw=False)
+            return solve(net, a[-2], a[-1])
 
     operands = (*leaves, jnp.asarray(X), jnp.asarray(y))
-    config = repr(("run", static, treedef, args.mode, args.rtol, args.atol, args.loss_rtol, args.max_steps))
-    return _program_cache.compile_program(flow, operands, config, "run_flow")(*operands)
+    config = repr((name, static, treedef, options))
+    return _program_cache.compile_program(flow, operands, config, name)(*operands)
+
+
+def _run_flow(net0, X, y, args):
+    """`ibflow run`'s gradient flow (square loss), kept as a program (`_kept_flow`)."""
+    from ._flow import gradient_flow
+
+    def solve(net, X, y):
+        return gradient_flow(net, X, y, rtol=args.rtol, atol=args.atol, loss_rtol=args.loss_rtol, mode=args.mode,
+                             max_steps=args.max_steps, throw=False)
+
+    return _kept_flow("run_flow", solve, (args.mode, args.rtol, args.atol, args.loss_rtol, args.max_steps), net0, X, y)
 
 
 def _run_optimizer(args, data, net0) -> int:
@@ -361,7 +372,6 @@ def _log_level(text):
 def _run_margin(args, data, net0) -> int:
     import jax
 
-    from ._checks import host_validated
     from ._classify import margin_flow
     from ._losses import loss_by_name
     from ._margin import NotSeparableError, check_separable
@@ -383,9 +393,12 @@ def _run_margin(args, data, net0) -> int:
         _write_json(args.out, dict(net=args.net, loss_name=args.loss, status="not separable", reason=str(e)))
         return _fail(str(e), code=2)
     t0 = time.perf_counter()
-    with host_validated():  # X finite (`load_data`) and y in {-1, +1} (above), checked on the host
-        sol = margin_flow(net0, X, y, loss=loss_by_name(args.loss), log_until_loss=log_stop,
-                          until_time=args.until_time, max_steps=args.max_steps, throw=False)
+
+    def solve(net, X, y):  # X finite (`load_data`) and y in {-1, +1} (above), checked on the host
+        return margin_flow(net, X, y, loss=loss_by_name(args.loss), log_until_loss=log_stop,
+                           until_time=args.until_time, max_steps=args.max_steps, throw=False)
+
+    sol = _kept_flow("margin_flow", solve, (args.loss, log_stop, args.until_time, args.max_steps), net0, X, y)
     jax.block_until_ready(sol.predictor)
     wall = time.perf_counter() - t0
     w = np.asarray(sol.predictor)

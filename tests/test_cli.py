@@ -229,8 +229,8 @@ def test_run_flow_programs_are_kept_and_reused(tmp_path):
     persistent compilation cache, so every command compiled its flow anew (~5 s at d = 1000).
     The regression flow is also kept traced (`programs/`, `_cli._run_flow`): a second command on
     other data of the same shapes adds no compiled program and no traced one, and its limit is
-    still the exact one (dual Newton on the Thm 4.1 potential). The margin flow's program is
-    stored too, and the flow is certified."""
+    still the exact one (dual Newton on the Thm 4.1 potential). The margin flow is kept the
+    same way, and certified."""
     cache = tmp_path / "cache"
     env = dict(os.environ, IBFLOW_CACHE_DIR=str(cache))
     rng = np.random.default_rng(7)
@@ -257,7 +257,8 @@ def test_run_flow_programs_are_kept_and_reused(tmp_path):
     assert proc.returncode == 0, proc.stderr
     r = json.loads((tmp_path / "m.json").read_text())
     assert r["status"] == "converged" and r["certificate"]["passed"]
-    assert any(name.startswith("jit__margin_flow-") for name in os.listdir(cache)), os.listdir(cache)
+    assert any(name.startswith("jit_margin_flow") for name in os.listdir(cache)), os.listdir(cache)
+    assert len(os.listdir(cache / "programs")) == 2  # the margin flow's traced program beside the regression's
 
 
 def test_module_entry_flushes_output_and_keeps_exit_status(files, tmp_path):
