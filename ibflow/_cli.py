@@ -292,10 +292,13 @@ def _run_optimizer(args, data, net0) -> int:
     # The gradient-flow limit from the same initialisation: the reference for the
     # step-size bias and for the stability check (is its sharpness above 2/eta?).
     # X and y (`load_data`) and the step size (above) are checked on the host: both programs are
-    # traced without value checks, so JAX's persistent compilation cache can keep them (`_checks`).
-    with host_validated():
-        flow = gradient_flow(net0, X, y, rtol=args.rtol, atol=args.atol, loss_rtol=args.loss_rtol, mode=args.mode,
+    # traced without value checks, so JAX's persistent compilation cache can keep them (`_checks`);
+    # the flow's traced program is kept too (`_kept_flow`).
+    def solve(net, X, y):
+        return gradient_flow(net, X, y, rtol=args.rtol, atol=args.atol, loss_rtol=args.loss_rtol, mode=args.mode,
                              throw=False)
+
+    flow = _kept_flow("reference_flow", solve, (args.mode, args.rtol, args.atol, args.loss_rtol), net0, X, y)
     flow_ok = flow.status == "converged"
     flow_sharp = float(sharpness(flow.network, X, y)) if flow_ok else None
     t0 = time.perf_counter()
