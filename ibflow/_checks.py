@@ -4,14 +4,14 @@
 too. A caller that has already checked the same values on the host (the sweep checks α, s,
 step sizes and the data with NumPy before it compiles anything; `ibflow run` its data file,
 labels and step size) traces inside `host_validated()`, and the checks are left out of the
-program. That matters for speed, not
-for correctness: an executable with an `error_if` holds a host callback, and JAX runs such an
-executable synchronously (the sweep's next chunk could not solve while the current one is
-certified) and never stores it in its persistent compilation cache.
+program. That matters for speed, not for correctness: an executable with an `error_if` holds a
+host callback, and JAX runs such an executable synchronously (the sweep's next chunk could not
+solve while the current one is certified) and never stores it in its persistent compilation
+cache.
 
 The mode is read when a function is traced. A function that holds checks and is jitted with
-a trace cache of its own (`gradient_flow`, `train`) receives it as a static argument, so a
-trace without checks is never reused for a call that needs them.
+a trace cache of its own (`gradient_flow`, `margin_flow`, `train`) receives it as a static
+argument, so a trace without checks is never reused for a call that needs them.
 """
 
 import contextlib

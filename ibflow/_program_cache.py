@@ -4,7 +4,7 @@ JAX's persistent compilation cache lets a later process skip XLA's compilation o
 has compiled before, but not the tracing and lowering that produce the program (1.9-2.3 s for
 the Azulay Fig. 7.1 sweep's chunk on 2 cores, more than the compilation left to do). The
 command line therefore also keeps each traced program (`compile_program`: a sweep's chunk
-program, `ibflow run`'s gradient flow), serialised with `jax.export` (StableHLO, no Python),
+program, `ibflow run`'s flows), serialised with `jax.export` (StableHLO, no Python),
 together with the structure of its outputs, and a later command of the same configuration and
 shapes deserialises it instead of tracing again; its compilation then comes from the
 compilation cache. Measured (2 cores, both caches filled by a first command): `ibflow sweep
