@@ -192,10 +192,12 @@ def cmd_run(args) -> int:
         reduced = _check_mode(args.mode, net0, SquareLoss(), None)  # gradient_flow's own mode rule
     except ValueError as e:
         raise InputError(f"--net {args.net}: {e}") from None
+    on_lowered, warmed_up = _certificate_warm_up(args, net0, X, y)
     t0 = time.perf_counter()
-    sol = _run_flow(net0, X, y, args)
+    sol = _run_flow(net0, X, y, args, on_lowered)
     jax.block_until_ready(sol.predictor)
     wall = time.perf_counter() - t0
+    warmed_up()
     w = np.asarray(sol.predictor)
     out = dict(
         net=args.net,
@@ -227,12 +229,12 @@ def cmd_run(args) -> int:
     return 0
 
 
-def _kept_flow(name, solve, options, net0, X, y):
+def _kept_flow(name, solve, options, net0, X, y, on_lowered=None):
     """`solve(net0, X, y)` (a flow of `ibflow run`) as a program of the network's arrays and the
     data (`_program_cache.compile_program`): a later command with the same network structure,
     `options` (everything else `solve` depends on) and shapes takes it from the program
     directory instead of tracing it again (~1 s at d = 1000), and its compilation from JAX's
-    compilation cache.
+    compilation cache. `on_lowered()` is called while XLA compiles it (the GIL released).
 
     The caller checked X and y on the host (`load_data`: finite, shapes; labels for the margin
     flow), so the flow is traced without value checks: a program with `eqx.error_if` holds a
@@ -255,10 +257,10 @@ def _kept_flow(name, solve, options, net0, X, y):
 
     operands = (*leaves, jnp.asarray(X), jnp.asarray(y))
     config = repr((name, static, treedef, options))
-    return _program_cache.compile_program(flow, operands, config, name)(*operands)
+    return _program_cache.compile_program(flow, operands, config, name, on_lowered)(*operands)
 
 
-def _run_flow(net0, X, y, args):
+def _run_flow(net0, X, y, args, on_lowered=None):
     """`ibflow run`'s gradient flow (square loss), kept as a program (`_kept_flow`)."""
     from ._flow import gradient_flow
 
@@ -266,7 +268,35 @@ def _run_flow(net0, X, y, args):
         return gradient_flow(net, X, y, rtol=args.rtol, atol=args.atol, loss_rtol=args.loss_rtol, mode=args.mode,
                              max_steps=args.max_steps, throw=False)
 
-    return _kept_flow("run_flow", solve, (args.mode, args.rtol, args.atol, args.loss_rtol, args.max_steps), net0, X, y)
+    options = (args.mode, args.rtol, args.atol, args.loss_rtol, args.max_steps)
+    return _kept_flow("run_flow", solve, options, net0, X, y, on_lowered)
+
+
+def _certificate_warm_up(args, net0, X, y):
+    """`(on_lowered, wait)` for `_run_flow`: with `--certify`, `on_lowered` starts compiling the
+    certificate's dual-Newton program on a background thread while XLA compiles the flow
+    (`_certify.warm_up`; nothing is run there, so it never runs LAPACK beside the flow), and
+    `wait()` joins it before `certify`. A failed warm-up only costs the speed-up: `certify`
+    compiles and reports for itself."""
+    if not args.certify:
+        return None, lambda: None
+    import threading
+
+    from ._certify import warm_up
+
+    threads = []
+
+    def run():
+        try:
+            warm_up(net0, X, y, args.potential)
+        except Exception:  # noqa: BLE001 - certify reports it
+            pass
+
+    def on_lowered():
+        threads.append(threading.Thread(target=run, name="ibflow-certificate-warm-up", daemon=True))
+        threads[-1].start()
+
+    return on_lowered, lambda: [t.join() for t in threads]
 
 
 def _run_optimizer(args, data, net0) -> int:
