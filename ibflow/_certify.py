@@ -378,18 +378,25 @@ def warm_up_batch(initials, X, y) -> None:
         dual_newton.lower(pots[idx[0]], X, y).compile()
 
 
-def warm_up(initial, X, y, potential=None) -> None:
-    """Compile the dual-Newton reference that `certify(solution, X, y, initial=initial,
-    potential=potential)` runs, for any flow from `initial` on this data: lowered and compiled
-    ahead of time, nothing run (a later call with arguments of the same types and shapes
-    reuses it). `ibflow run` calls it on a background thread while XLA compiles the flow
-    (~1.5 s of a cold command's certificate at d = 1000). Potentials `certify` does not
-    solve this way (none, ℓ1, transformed TensorNet spaces) need nothing."""
+def reference_arguments(initial, X, y, potential=None):
+    """`(potential, X, y')`, the arguments of the dual-Newton reference that `certify(solution,
+    X, y, initial=initial, potential=potential)` solves for any flow from `initial` on this
+    data, or None where it solves none this way (no theorem, ℓ1, transformed TensorNet spaces).
+    Host work and eager elementwise operations only."""
     pot = potential if isinstance(potential, AbstractPotential) else named_potential(potential, initial)
     if not isinstance(pot, AbstractPotential) or (isinstance(initial, TensorNet) and initial.factors is not None):
-        return
-    yt = np.asarray(pot.transform_labels(jnp.asarray(np.asarray(y, dtype=float))))
-    dual_newton.lower(pot, np.asarray(X, dtype=float), yt).compile()
+        return None
+    return pot, np.asarray(X, dtype=float), np.asarray(pot.transform_labels(jnp.asarray(np.asarray(y, dtype=float))))
+
+
+def warm_up(arguments) -> None:
+    """Compile the dual-Newton reference for `arguments` (`reference_arguments`; None: nothing),
+    lowered and compiled ahead of time and not run: a later `certify` with arguments of the same
+    types and shapes reuses it. `ibflow run --certify` calls it on a background thread while
+    XLA compiles the flow (in process at d = 1000, a first `certify` took 1.70 s, 0.38 s after
+    a warm-up); compiling only, it never runs LAPACK beside the flow (see `_linalg`)."""
+    if arguments is not None:
+        dual_newton.lower(*arguments).compile()
 
 
 def _kinds(pots, initials):

@@ -275,20 +275,24 @@ def _run_flow(net0, X, y, args, on_lowered=None):
 def _certificate_warm_up(args, net0, X, y):
     """`(on_lowered, wait)` for `_run_flow`: with `--certify`, `on_lowered` starts compiling the
     certificate's dual-Newton program on a background thread while XLA compiles the flow
-    (`_certify.warm_up`; nothing is run there, so it never runs LAPACK beside the flow), and
-    `wait()` joins it before `certify`. A failed warm-up only costs the speed-up: `certify`
+    (`_certify.warm_up`: compilation only; its arguments are prepared here, on this thread),
+    and `wait()` joins it before `certify`. A failed warm-up only costs the speed-up: `certify`
     compiles and reports for itself."""
     if not args.certify:
         return None, lambda: None
     import threading
 
-    from ._certify import warm_up
+    from ._certify import reference_arguments, warm_up
 
+    try:
+        arguments = reference_arguments(net0, X, y, args.potential)
+    except Exception:  # noqa: BLE001 - certify reports it
+        return None, lambda: None
     threads = []
 
     def run():
         try:
-            warm_up(net0, X, y, args.potential)
+            warm_up(arguments)
         except Exception:  # noqa: BLE001 - certify reports it
             pass
 

@@ -216,7 +216,7 @@ def test_warm_up_compiles_what_certify_runs(caplog):
     Newton of the initialisation's potential: `certify` of the flow then compiles no dual
     Newton and passes, while a certificate against a potential that was not warmed (ℓ2)
     compiles its own, so the check can fail; ℓ1 and uncovered networks need nothing."""
-    from ibflow._certify import warm_up
+    from ibflow._certify import reference_arguments, warm_up
 
     X, y = problem(seed=6, N=7, d=13)  # shapes no other test here compiles for
     net = ib.diagonal_init(0.3, 0.2, 13)
@@ -227,7 +227,7 @@ def test_warm_up_compiles_what_certify_runs(caplog):
             out = call()
         return out, [r.getMessage() for r in caplog.records if "Finished XLA compilation" in r.getMessage()]
 
-    _, warm = compiled(lambda: warm_up(net, X, y))
+    _, warm = compiled(lambda: warm_up(reference_arguments(net, X, y)))
     assert any("dual_newton" in m for m in warm), warm
     sol = ib.gradient_flow(net, X, y)
     cert, again = compiled(lambda: ib.certify(sol, X, y, initial=net))
@@ -235,8 +235,8 @@ def test_warm_up_compiles_what_certify_runs(caplog):
     assert cert.passed, cert.reason
     _, other = compiled(lambda: ib.certify(sol, X, y, initial=net, potential="l2"))
     assert any("dual_newton" in m for m in other), other
-    assert warm_up(net, X, y, "l1") is None
-    assert warm_up(ib.fully_connected_init(0.5, 0.1, 13, width=3, key=jax.random.PRNGKey(0)), X, y) is None
+    assert reference_arguments(net, X, y, "l1") is None
+    assert reference_arguments(ib.fully_connected_init(0.5, 0.1, 13, width=3, key=jax.random.PRNGKey(0)), X, y) is None
 
 
 def test_certify_batch_rank_deficient_data():
