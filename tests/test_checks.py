@@ -45,20 +45,24 @@ def test_check_free_trace_of_gradient_flow_is_not_reused(small):
 
 
 def test_check_free_trace_of_margin_flow_is_not_reused():
-    """The same for `margin_flow` (the command line traces it inside `host_validated()` after
-    checking the labels on the host): the check-free program reaches the same margin, and an
-    ordinary call with labels outside {-1, +1} still raises."""
+    """The same for `margin_flow`, traced under `jax.jit` inside `host_validated()` as the command
+    line compiles it (`_cli._kept_flow`, after checking the labels on the host): the check-free
+    jitted program reaches the eager call's limit and records, and an ordinary call with labels
+    outside {-1, +1} still raises. (Under `jax.jit` the loss levels must be host arithmetic: a
+    `float(jnp.log(level))` there was a tracer and raised.)"""
     rng = np.random.default_rng(1)
     X = jnp.asarray(rng.standard_normal((6, 4)))
     y = jnp.sign(X @ jnp.asarray(rng.standard_normal(4)))
     net = ib.fully_connected_init(0.5, 0.2, 4, key=jax.random.PRNGKey(0))
+    kw = dict(until_loss=1e-30, record_losses=[1e-3, 1e-10], throw=False)
     with host_validated():
-        free = ib.margin_flow(net, X, y, until_loss=1e-6, throw=False)
-    checked = ib.margin_flow(net, X, y, until_loss=1e-6, throw=False)
+        free = jax.jit(lambda n: ib.margin_flow(n, X, y, **kw))(net)
+    checked = ib.margin_flow(net, X, y, **kw)
     assert free.status == checked.status == "converged"
-    np.testing.assert_allclose(np.asarray(free.predictor), np.asarray(checked.predictor), rtol=1e-12)
+    np.testing.assert_allclose(np.asarray(free.predictor), np.asarray(checked.predictor), rtol=1e-10)
+    np.testing.assert_allclose(np.asarray(free.record.margin), np.asarray(checked.record.margin), rtol=1e-8)
     with pytest.raises(Exception, match="labels y must be"):
-        ib.margin_flow(net, X, 2 * y, until_loss=1e-6, throw=False).predictor.block_until_ready()
+        ib.margin_flow(net, X, 2 * y, **kw).predictor.block_until_ready()
 
 
 def test_sweep_checks_data_on_the_host(small):

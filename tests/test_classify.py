@@ -189,18 +189,6 @@ def test_margin_flow_vmap_matches_single_runs():
         assert _cos_gap(batch.predictor[i], one.predictor) < 1e-8
 
 
-def test_margin_flow_under_jit_matches_the_eager_call():
-    """The loss levels are host arithmetic, so `margin_flow` traces under `jax.jit` (the command
-    line compiles it as one program, `_cli._kept_flow`); a `jnp.log` of the level there was a
-    tracer and `float()` of it failed."""
-    net = ib.fully_connected_init(0.5, 0.2, 6, key=jax.random.PRNGKey(0))
-    eager = ib.margin_flow(net, X8, y8, until_loss=1e-30, record_losses=[1e-3, 1e-10])
-    jitted = jax.jit(lambda n: ib.margin_flow(n, X8, y8, until_loss=1e-30, record_losses=[1e-3, 1e-10]))(net)
-    assert eager.status == jitted.status == "converged"
-    assert _cos_gap(eager.predictor, jitted.predictor) < 1e-12
-    np.testing.assert_allclose(np.asarray(jitted.record.margin), np.asarray(eager.record.margin), rtol=1e-8)
-
-
 def test_bad_input():
     with pytest.raises(ValueError, match="below 1 and positive"):
         ib.margin_flow(ib.Linear(jnp.zeros(6)), X8, y8, until_loss=0.0)

@@ -241,12 +241,12 @@ def test_run_flow_programs_are_kept_and_reused(tmp_path):
         D = ib.sparse_regression(num_samples=6, dim=10, seed=seed)
         np.savez(tmp_path / f"d{seed}.npz", X=D["X"], y=D["y"])
         proc = subprocess.run([sys.executable, "-m", "ibflow", "run", "--data", str(tmp_path / f"d{seed}.npz"),
-                               "--net", "diagonal", "--alpha", "0.1", "--shape", "0.5", "--certify", "--out",
+                               "--net", "diagonal", "--alpha", "0.1", "--shape", "0.5", "--out",
                                str(tmp_path / "r.json")], capture_output=True, text=True, env=env)
         assert proc.returncode == 0, proc.stderr
         r = json.loads((tmp_path / "r.json").read_text())
         ref = ib.dual_newton(ib.implicit_potential(ib.diagonal_init(0.1, 0.5, 10)), D["X"], D["y"]).w
-        assert r["status"] == "converged" and r["certificate"]["passed"]
+        assert r["status"] == "converged"
         assert np.linalg.norm(np.asarray(r["predictor"]) - ref) <= 1e-10 * np.linalg.norm(ref)
         entries.append((sorted(n for n in os.listdir(cache) if n.startswith("jit_run_flow")),
                         sorted(os.listdir(cache / "programs"))))
