@@ -194,7 +194,7 @@ def cmd_run(args) -> int:
         raise InputError(f"--net {args.net}: {e}") from None
     on_lowered, warmed_up = _certificate_warm_up(args, net0, X, y)
     t0 = time.perf_counter()
-    sol = _run_flow(net0, X, y, args, on_lowered)
+    sol = _run_flow(net0, X, y, args, args.max_steps, on_lowered)
     jax.block_until_ready(sol.predictor)
     wall = time.perf_counter() - t0
     warmed_up()
@@ -260,16 +260,20 @@ def _kept_flow(name, solve, options, net0, X, y, on_lowered=None):
     return _program_cache.compile_program(flow, operands, config, name, on_lowered)(*operands)
 
 
-def _run_flow(net0, X, y, args, on_lowered=None):
-    """`ibflow run`'s gradient flow (square loss), kept as a program (`_kept_flow`)."""
+def _run_flow(net0, X, y, args, max_steps=None, on_lowered=None):
+    """`ibflow run`'s gradient flow (square loss) from `net0`, kept as a program (`_kept_flow`).
+    `max_steps` None: `gradient_flow`'s default (an optimiser run's reference flow, whose
+    `--max-steps` is the optimiser's)."""
     from ._flow import gradient_flow
 
-    def solve(net, X, y):
-        return gradient_flow(net, X, y, rtol=args.rtol, atol=args.atol, loss_rtol=args.loss_rtol, mode=args.mode,
-                             max_steps=args.max_steps, throw=False)
+    kwargs = dict(rtol=args.rtol, atol=args.atol, loss_rtol=args.loss_rtol, mode=args.mode)
+    if max_steps is not None:
+        kwargs["max_steps"] = max_steps
 
-    options = (args.mode, args.rtol, args.atol, args.loss_rtol, args.max_steps)
-    return _kept_flow("run_flow", solve, options, net0, X, y, on_lowered)
+    def solve(net, X, y):
+        return gradient_flow(net, X, y, throw=False, **kwargs)
+
+    return _kept_flow("run_flow", solve, tuple(sorted(kwargs.items())), net0, X, y, on_lowered)
 
 
 def _certificate_warm_up(args, net0, X, y):
@@ -307,7 +311,6 @@ def _run_optimizer(args, data, net0) -> int:
     import jax
 
     from ._checks import host_validated
-    from ._flow import gradient_flow
     from ._train import sharpness, train
 
     X, y = data["X"], data["y"]
@@ -327,12 +330,8 @@ def _run_optimizer(args, data, net0) -> int:
     # step-size bias and for the stability check (is its sharpness above 2/eta?).
     # X and y (`load_data`) and the step size (above) are checked on the host: both programs are
     # traced without value checks, so JAX's persistent compilation cache can keep them (`_checks`);
-    # the flow's traced program is kept too (`_kept_flow`).
-    def solve(net, X, y):
-        return gradient_flow(net, X, y, rtol=args.rtol, atol=args.atol, loss_rtol=args.loss_rtol, mode=args.mode,
-                             throw=False)
-
-    flow = _kept_flow("reference_flow", solve, (args.mode, args.rtol, args.atol, args.loss_rtol), net0, X, y)
+    # the flow's traced program is kept too (`_run_flow`).
+    flow = _run_flow(net0, X, y, args)
     flow_ok = flow.status == "converged"
     flow_sharp = float(sharpness(flow.network, X, y)) if flow_ok else None
     t0 = time.perf_counter()
@@ -625,8 +624,9 @@ def compilation_cache_dir() -> str | None:
 def _enable_compilation_cache():
     """JAX's persistent compilation cache (keyed on the program, compiler options, jaxlib and
     device; data values are arguments, not constants, in the sweep's and certificates' programs),
-    and the sweep's traced programs in its `programs/` folder (`_program_cache`). An unwritable
-    directory only costs the speed-up: JAX warns and compiles as usual."""
+    and the traced programs of sweeps and `ibflow run` in its `programs/` folder
+    (`_program_cache`). An unwritable directory only costs the speed-up: JAX warns and compiles
+    as usual."""
     import os
 
     from . import _program_cache

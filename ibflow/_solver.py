@@ -52,8 +52,9 @@ class LinearlyImplicitExtrapolation(dfx.AbstractAdaptiveSolver):
     a symmetric positive semi-definite matrix on the flattened state with `A = −M` (for
     low-dimensional states such as `ReducedFlowProblem`'s; `product_dtype` is `w_matrix_dtype`,
     to be used only where it is lower than the state's precision), or
-    `gauss_newton(y) -> (K, apply, apply_T)` with `K = GGᵀ` (N×N), `apply(b) = Gb`, `apply_T(z) = Gᵀz`, where `GᵀG` is the
-    Gauss–Newton Hessian in flattened coordinates (see `GradientFlowProblem`). An optional
+    `gauss_newton(y) -> (K, apply, apply_T)` with `K = GGᵀ` (N×N), `apply(b) = Gb`,
+    `apply_T(z) = Gᵀz`, where `GᵀG` is the Gauss–Newton Hessian in flattened coordinates (see
+    `GradientFlowProblem`). An optional
     fourth element `(D, C)` adds stiff coordinates outside G's range (zero columns of G,
     e.g. the flow-time variable of `MarginFlowProblem`): their rows of A are
     `−D_i e_i + C_i`, with `D` a vector (zero elsewhere) and `C(x)` the linear map giving
