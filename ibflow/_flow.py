@@ -4,9 +4,14 @@ Time is the flow's own time t for the loss as given (square loss: 1/(2N)
 normalisation, Azulay et al. 2021 §2). The solve stops when the loss has fallen
 to `max(loss_rtol·L(θ(0)), loss floor)` (default `loss_rtol = 1e-24`); diffrax's
 vector-field steady-state event alone is not used because it fires on the long
-plateaus of small-initialisation flows. In reduced mode a target below the rounding floor
-of the limit (`ReducedFlowProblem.evaluation_floor`) is replaced by that floor.
+plateaus of small-initialisation flows. For the square loss the integration stops at the
+latest where rounding noise alone moves the loss (`stop_level`), an end-game jumps to the
+limit of the linearised flow (`kernel_jump`, a Gauss–Newton step whose error is second order
+in the residual), and a target below the rounding floor of the limit (`evaluation_floor`) is
+replaced by that floor: `ReducedFlowProblem` in reduced mode, `GradientFlowProblem` in pure mode.
 """
+
+from typing import ClassVar
 
 import diffrax as dfx
 import equinox as eqx
@@ -22,11 +27,54 @@ from ._results import RESULTS, status_word
 from ._solver import LinearlyImplicitExtrapolation
 
 
-class GradientFlowProblem(eqx.Module):
+class _KernelEndGame(eqx.Module):
+    """The end-game shared by the flows of the square loss, whose limit has zero residual:
+    `end_game` iterates the problem's `kernel_jump` (the limit of the flow linearised at the
+    state), and needs `loss_value`, `evaluation_floor`, `kernel_jump` and `target`."""
+
+    def end_game(self, state, jump):
+        """The end-game once the integration has stopped at `state` (`jump`: the stopping
+        event fired): `kernel_jump`s while the loss is above `max(target, evaluation_floor)`
+        and each lowers it, at most `_MAX_JUMPS` in all. Returns the final state and that loss
+        level (the floor evaluated once, at the stopped state: the jumps move the state by
+        1e-9 … 1e-5 relative, and the floor is an estimate to a factor of 100 anyway; inside the
+        loop it added 0.3-0.4 s of compilation). The first jump is taken whatever its loss
+        where the flow is the gradient ascent of a strictly concave function (reduced mode,
+        `first_jump_trusted`), else only when it lowers the loss.
+
+        Reduced mode: one jump is enough on the Azulay §9 problem (d = 1000, N = 100); with a
+        square X (d = N = 100, cond 530, α ≤ 1e-3) the integration stops at a loss set by its
+        noise floor, and the first jump left the loss ~1e-18 at the sweep's rtol 1e-4 and ~1e-14
+        at the default 1e-10: limits 1e-9 and 2e-7 off `X⁻¹y`, the exact one."""
+        target = jnp.maximum(self.target, self.evaluation_floor(state))
+        first = self.first_jump_trusted
+
+        def cond(carry):
+            return carry[3]
+
+        def body(carry):
+            state, loss, it, _ = carry
+            new = self.kernel_jump(state)
+            loss_new = self.loss_value(new)
+            accept = ((it == 0) & first) | (loss_new < loss)
+            state = jax.tree_util.tree_map(lambda n, o: jnp.where(accept, n, o), new, state)
+            loss = jnp.where(accept, loss_new, loss)
+            return state, loss, it + 1, accept & (loss > target) & (it + 1 < _MAX_JUMPS)
+
+        loss0 = jnp.asarray(jnp.inf, target.dtype) if first else self.loss_value(state)
+        return jax.lax.while_loop(cond, body, (state, loss0, 0, jump))[0], target
+
+
+_NOISE_PROBES = 4  # random-sign probes of `GradientFlowProblem.output_noise`
+
+
+class GradientFlowProblem(_KernelEndGame):
     """A network's trainable parameters, its frozen part, the data and the loss.
 
     Passed as `args` to diffrax; provides the vector field `−∇L` and the
-    Gauss–Newton factor used by `LinearlyImplicitExtrapolation`.
+    Gauss–Newton factor used by `LinearlyImplicitExtrapolation`. For the square loss it also
+    provides the rounding-noise floor of the integration (`stop_level`) and the end-game
+    (`kernel_jump`, `end_game`), as `ReducedFlowProblem` does for the reduced flow.
     """
 
     frozen: AbstractNetwork
@@ -35,6 +83,8 @@ class GradientFlowProblem(eqx.Module):
     loss: AbstractLoss
     target: Float[Array, ""]
     warp: object = eqx.field(static=True, default=None)
+    noise_gain: float = eqx.field(static=True, default=10.0)
+    first_jump_trusted: ClassVar[bool] = False
 
     def network(self, params) -> AbstractNetwork:
         return eqx.combine(params, self.frozen)
@@ -46,8 +96,64 @@ class GradientFlowProblem(eqx.Module):
         return jax.grad(self.loss_value)(params)
 
     def stopped(self, t, params):
-        """The stopping event: the loss has reached the target."""
-        return self.loss_value(params) <= self.target
+        """The stopping event: the loss has reached `stop_level`."""
+        return self.loss_value(params) <= self.stop_level(params)
+
+    def output_noise(self, params):
+        """`(N,)`: how far a relative error of every parameter moves the outputs,
+        `(Σ_i J_ni² θ_i²)^{1/2}` (J: the outputs' Jacobian), estimated as the root mean square
+        of `J(θ∘z)` over `_NOISE_PROBES` fixed random-sign vectors z (one linearisation, one
+        jvp per probe; no Jacobian is formed). Zero for a loss other than the square loss,
+        whose flows get no floor."""
+        if not isinstance(self.loss, SquareLoss):
+            return jnp.zeros_like(self.y)
+        leaves, treedef = jax.tree_util.tree_flatten(params)
+        keys = jax.random.split(jax.random.PRNGKey(0), (_NOISE_PROBES, len(leaves)))
+        tangents = treedef.unflatten([
+            x * jax.vmap(lambda k: jax.random.rademacher(k, x.shape, x.dtype))(keys[:, i]) for i, x in enumerate(leaves)
+        ])
+        _, jvp = jax.linearize(lambda p: self.network(p).outputs(self.X), params)
+        return jnp.sqrt(jnp.mean(jax.vmap(jvp)(tangents) ** 2, axis=0))
+
+    def stop_level(self, params):
+        """The loss level at which the integration stops: `max(target, floor(θ))`.
+
+        Square loss only (other losses: the target). The floor is the square loss of the
+        output noise that rounding puts into the state: every parameter errs by about `ε|θ_i|`
+        at each sub-step, which moves the outputs by about `ε·output_noise(θ)`, and an
+        extrapolation solver amplifies sub-step errors by up to its `noise_gain` (21529 at
+        order 8). Found on an H200 (fifteenth session): a fully connected net with hidden
+        width 1 at α = 100 (d = 12, N = 5, outputs ~100) stalled at a loss of 1.8e-22 against
+        the target 8e-25 and ran into max_steps, while t grew to 1e15; on the CPU the same
+        flow converged, and other initialisations (α = 100…1000) stalled there too."""
+        if not isinstance(self.loss, SquareLoss):
+            return self.target
+        eps = jnp.finfo(self.y.dtype).eps
+        noise = self.output_noise(params) + jnp.abs(self.y)
+        floor = 0.5 * jnp.mean((_FLOOR_FACTOR * self.noise_gain * eps * noise) ** 2)
+        return jnp.maximum(self.target, floor)
+
+    def evaluation_floor(self, params):
+        """The loss that rounding the parameters and the labels alone leaves:
+        `½ (4ε)² mean(output_noise² + y²)`; `gradient_flow` counts a pure-mode flow of the
+        square loss as converged when its loss reaches `max(target, evaluation_floor)` after
+        the end-game, and reports that level as `loss_target`."""
+        eps = jnp.finfo(self.y.dtype).eps
+        return 0.5 * _FLOOR_FACTOR**2 * eps**2 * jnp.mean(self.output_noise(params) ** 2 + self.y**2)
+
+    def kernel_jump(self, params):
+        """The limit of the flow linearised at θ: `θ − J⁺r` (r: the residual, J: the outputs'
+        Jacobian; a time warp g(θ) > 0 only rescales time, so the same limit), one
+        Gauss–Newton step. Its distance to the exact limit is second order in the residual;
+        it removes the rounding noise that the integration leaves (`stop_level`). Square loss
+        only. Eigen-directions of `JJᵀ` below `ε·N·λ_max` are left alone."""
+        K, _, apply_T = gauss_newton_factor(self.network, params, self.X, lambda A: A)
+        r = self.network(params).outputs(self.X) - self.y
+        lam, Q = jnp.linalg.eigh(K)
+        keep = lam > jnp.finfo(lam.dtype).eps * lam.shape[0] * lam[-1]
+        flat, unravel = ravel_pytree(params)
+        step = apply_T(Q @ (jnp.where(keep, 1.0 / jnp.where(keep, lam, 1.0), 0.0) * (Q.T @ r)))
+        return unravel(flat - step)
 
     def warp_factor(self, params):
         """g(θ) > 0 of a time-warped flow `θ̇ = −g(θ)∇L(θ)` (Azulay §5); 1 by default."""
@@ -70,7 +176,7 @@ _FLOOR_FACTOR = 4.0  # safety factor on the rounding-noise floor of `ReducedFlow
 _RESOLVED_TIME = 1e30  # t·tr(M) past which `ReducedFlowProblem.resolved` ends the integration
 
 
-class ReducedFlowProblem(eqx.Module):
+class ReducedFlowProblem(_KernelEndGame):
     """The same gradient flow in N coordinates, for networks with a closed-form flow map.
 
     With a diagonal predictor kernel, θ moves only through `z(t) = ∫₀ᵗ ∇_w̃ L = Xᵀa(t)`
@@ -90,6 +196,7 @@ class ReducedFlowProblem(eqx.Module):
     loss: AbstractLoss
     target: Float[Array, ""]
     noise_gain: float = eqx.field(static=True, default=10.0)
+    first_jump_trusted: ClassVar[bool] = True
 
     def network(self, a) -> AbstractNetwork:
         return self.net0.flow_map()(a @ self.X)
@@ -175,36 +282,8 @@ class ReducedFlowProblem(eqx.Module):
         keep = lam > jnp.finfo(a.dtype).eps * a.shape[0] * lam[-1]
         return a + Q @ (jnp.where(keep, 1.0 / jnp.where(keep, lam, 1.0), 0.0) * (Q.T @ self.vector_field(a)))
 
-    def end_game(self, a, jump):
-        """The end-game once the integration has stopped at a (`jump`: the stopping event fired):
-        one `kernel_jump`, then further ones (Newton's iteration on the same concave function)
-        while the loss is above `max(target, evaluation_floor)` and each lowers it, at most
-        `_MAX_JUMPS` in all. Returns the final state and that loss level (the floor evaluated
-        once, at a: the jumps move the state by 1e-9 … 1e-5 relative, and the floor is an
-        estimate to a factor of 100 anyway; inside the loop it added 0.3-0.4 s of compilation).
-        One jump is enough on the Azulay §9 problem (d = 1000, N = 100); with a square X
-        (d = N = 100, cond 530, α ≤ 1e-3) the integration stops at a loss set by its noise
-        floor, and the first jump left the loss ~1e-18 at the sweep's rtol 1e-4 and ~1e-14 at
-        the default 1e-10: limits 1e-9 and 2e-7 off `X⁻¹y`, the exact one."""
 
-        target = jnp.maximum(self.target, self.evaluation_floor(a))
-
-        def cond(carry):
-            return carry[3]
-
-        def body(carry):
-            a, loss, it, _ = carry
-            a_new = self.kernel_jump(a)
-            loss_new = self.loss_value(a_new)
-            accept = (it == 0) | (loss_new < loss)
-            a, loss = jnp.where(accept, a_new, a), jnp.where(accept, loss_new, loss)
-            return a, loss, it + 1, accept & (loss > target) & (it + 1 < _MAX_JUMPS)
-
-        inf = jnp.asarray(jnp.inf, a.dtype)
-        return jax.lax.while_loop(cond, body, (a, inf, 0, jump))[0], target
-
-
-_MAX_JUMPS = 4  # kernel_jump steps of `ReducedFlowProblem.end_game`
+_MAX_JUMPS = 4  # kernel_jump steps of `_KernelEndGame.end_game`
 
 
 def reducible(net: AbstractNetwork, loss: AbstractLoss, warp=None) -> bool:
@@ -281,14 +360,16 @@ class FlowSolution(eqx.Module):
     - `network`: the network at the final time (parameters θ(t_end)).
     - `predictor`: w̃(θ(t_end)).
     - `loss`, `loss0`, `loss_target`: final, initial and target loss (the level `loss` had
-      to reach for `converged`: `max(loss_rtol·L(θ(0)), loss.floor(y))`, in reduced mode at
-      least the rounding floor at the limit, `ReducedFlowProblem.evaluation_floor`).
+      to reach for `converged`: `max(loss_rtol·L(θ(0)), loss.floor(y))`, for the square loss
+      at least the rounding floor at the limit, `ReducedFlowProblem.evaluation_floor` or
+      `GradientFlowProblem.evaluation_floor`).
     - `t_end`: final flow time.
     - `num_steps`, `num_accepted_steps`, `num_rejected_steps`, `num_fevals`.
     - `invariant_drift`: max |I(θ(t_end)) − I(θ(0))| / max(1, max |I(θ(0))|) over
       the network's conserved quantities (balancedness).
-    - `end_jump`: ‖Δw̃‖/‖w̃‖ of the reduced mode's end-game (`ReducedFlowProblem.kernel_jump`,
-      which removes the integration's rounding noise: ~1e-13 on the Azulay §9 grid); 0 otherwise.
+    - `end_jump`: ‖Δw̃‖/‖w̃‖ of the square loss's end-game (`ReducedFlowProblem.kernel_jump`,
+      `GradientFlowProblem.kernel_jump`, which remove the integration's rounding noise: ~1e-13
+      on the Azulay §9 grid); 0 for other losses and where the integration did not converge.
     - `result`: a `RESULTS` item; `status` gives its one-word name.
     - `ts`, `trajectory_loss`, `trajectory_predictor`: the trajectory at the
       requested `save_ts` (inf where the flow stopped before that time), or None.
@@ -375,7 +456,7 @@ def gradient_flow(
     - `rtol`, `atol`: tolerances of diffrax's `PIDController`; default 1e-10 and 1e-12 in float64,
       1e-5 and 1e-9 in float32 (`IBFLOW_NO_X64=1`), where rtol 1e-10 is out of the order-5
       solver's reach (`default_solver`: every step rejected, the flow ends in `max_steps`).
-    - `loss_rtol`: stop when `L(θ) ≤ max(loss_rtol·L(θ(0)), loss.floor(y))` (reduced mode:
+    - `loss_rtol`: stop when `L(θ) ≤ max(loss_rtol·L(θ(0)), loss.floor(y))` (square loss:
       or the float64 floor at the limit, whichever is higher; see `FlowSolution.loss_target`).
     - `t_max`: time horizon (default ∞); reaching it unconverged is `not_converged`.
     - `max_steps`: step budget; exhausting it is `max_steps` (or `stalled` when most
@@ -446,7 +527,7 @@ def _gradient_flow(net, X, y, loss, solver, rtol, atol, loss_rtol, t_max, dt0, m
         problem = ReducedFlowProblem(net, X, y, loss, target, getattr(solver, "noise_gain", 10.0))
         state0, vector_field = jnp.zeros_like(y), _reduced_vector_field
     else:
-        problem = GradientFlowProblem(frozen, X, y, loss, target, warp)
+        problem = GradientFlowProblem(frozen, X, y, loss, target, warp, getattr(solver, "noise_gain", 10.0))
         state0, vector_field = params, _vector_field
 
     if save_ts is None:
@@ -477,7 +558,7 @@ def _gradient_flow(net, X, y, loss, solver, rtol, atol, loss_rtol, t_max, dt0, m
     final_state = jax.tree_util.tree_map(lambda a: a[-1], final_state)
     t_end = sol.ts[-1] if save_ts is None else sol.ts[0][-1]
 
-    if reduced:
+    if reduced or isinstance(loss, SquareLoss):
         # End-game: once integration has reached the stop level (the event fired), finish with
         # the linearised flow's limit; status then requires the target (or the rounding floor) below.
         w_before = problem.network(final_state).predictor()
@@ -485,7 +566,7 @@ def _gradient_flow(net, X, y, loss, solver, rtol, atol, loss_rtol, t_max, dt0, m
         final_state, target = problem.end_game(final_state, sol.result == dfx.RESULTS.event_occurred)
         final = problem.network(final_state)
         end_jump = jnp.linalg.norm(final.predictor() - w_before) / jnp.maximum(jnp.linalg.norm(w_before), 1e-300)
-        final_params = eqx.filter(final, net.trainable())
+        final_params = eqx.filter(final, net.trainable()) if reduced else final_state
     else:
         final_params = final_state
         final = eqx.combine(final_params, frozen)
@@ -493,7 +574,7 @@ def _gradient_flow(net, X, y, loss, solver, rtol, atol, loss_rtol, t_max, dt0, m
     loss_end = problem.loss_value(final_state)
     result = RESULTS.promote(sol.result)
     result = RESULTS.where(result == RESULTS.event_occurred, RESULTS.successful, result)
-    # Reaching t_max without the stopping event is not convergence, nor (reduced mode) an
+    # Reaching t_max without the stopping event is not convergence, nor (square loss) an
     # end-game jump that left the loss above the target.
     result = RESULTS.where((result == RESULTS.successful) & (loss_end > target), RESULTS.not_converged, result)
     rejected = sol.stats["num_rejected_steps"]

@@ -99,7 +99,7 @@ def test_run_mode_pure_and_reduced_agree(files, tmp_path):
         out[mode] = r
     out["reduced"] = out["auto"]  # the default is the reduced mode here
     assert out["auto"]["mode"] == "reduced" and out["pure"]["mode"] == "pure"
-    assert out["pure"]["end_jump"] == 0 and out["reduced"]["end_jump"] < 1e-9
+    assert out["pure"]["end_jump"] < 1e-9 and out["reduced"]["end_jump"] < 1e-9
     a, b = np.asarray(out["pure"]["predictor"]), np.asarray(out["reduced"]["predictor"])
     assert np.linalg.norm(a - b) <= 1e-8 * np.linalg.norm(a)
     (tmp_path / "bad").mkdir()

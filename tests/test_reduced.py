@@ -71,7 +71,7 @@ def test_reduced_trajectory_equals_pure_trajectory(name):
             assert abs(float(lr) - float(lp)) <= 1e-8 * float(pure.loss0)
     assert rel(red.predictor, pure.predictor) < RTOL_LIMIT
     assert red.loss <= red.loss_target
-    assert red.end_jump < 1e-9 and pure.end_jump == 0
+    assert red.end_jump < 1e-9 and pure.end_jump < 1e-9
 
 
 def test_reduced_linear_closed_form_trajectory():
