@@ -152,7 +152,8 @@ def test_sharded_over_four_host_devices(data, tmp_path):
         "ds = ib.sweep(D['X'], D['y'], alphas=[1e-2, 1.0], shapes=[0.0, 0.5], progress=False);"
         "print(json.dumps(dict(n=len(jax.devices()), w=ds['predictor'].values.tolist())))"
     )
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    # JAX_PLATFORMS=cpu: on a GPU machine the default devices are the GPU's (one device there).
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
     out = subprocess.run([sys.executable, "-c", code, str(p / "d.npz")], env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
     res = json.loads(out.stdout.strip().splitlines()[-1])
