@@ -4,8 +4,10 @@ float32, on whatever JAX device exists. One command:
     python benchmarks/gpu.py [--dims 1000,10000,100000] [--n-alpha 20] [--out table.md]
 
 Each (d, dtype) runs in its own subprocess (float32 needs `IBFLOW_NO_X64=1` before JAX starts)
-and reports wall time with and without compilation, steps, and the largest relative error of
-sampled points against the dual-Newton reference (float64 reference in both cases).
+and reports wall time with and without compilation, steps, the largest relative error of
+sampled points against the dual-Newton reference (float64 reference in both cases), and peak
+memory: the process's resident set and, where the device reports it (GPUs), the device's peak
+bytes in use (`Device.memory_stats()["peak_bytes_in_use"]`).
 """
 
 import argparse
@@ -42,11 +44,20 @@ for i in range(0, n_alpha, max(1, n_alpha // 4)):
         w = ds["predictor"].values[i, j, 0]
         errs.append(float(np.linalg.norm(w - ref) / np.linalg.norm(ref)))
 st = ds["status"].values.ravel()
+import resource
+stats = jax.devices()[0].memory_stats() or {}
+peak_device = stats.get("peak_bytes_in_use")
 print("RESULT " + json.dumps(dict(dim=dim, dtype=dtype, device=jax.devices()[0].device_kind, jax=jax.__version__,
       platform=jax.devices()[0].platform, points=int(st.size), converged=int((st == "converged").sum()),
       first=t_first, second=t_second, max_steps=int(ds["num_steps"].max()), max_err=max(errs),
-      total=time.perf_counter() - t_start)))
+      total=time.perf_counter() - t_start, peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+      peak_device_mib=None if peak_device is None else peak_device / 2**20)))
 """
+
+
+def _mib(value):
+    """A memory column's cell: '–' where the row has no such reading (a CPU device, an older row)."""
+    return "–" if value is None else f"{value:.0f}"
 
 
 def table(rows, n_alpha):
@@ -55,10 +66,12 @@ def table(rows, n_alpha):
     jax_version = rows[0].get("jax", "?") if rows else "?"
     lines = [f"### Fig. 7.1-style grid ({n_alpha} α × 5 s, N = 100) on {dev} (jax {jax_version})", "",
              "| d | dtype | points converged | 1st call s (incl. compile) | 2nd call s | ms / point | max steps | "
-             "max rel. err vs dual Newton |", "|---|---|---|---|---|---|---|---|"]
+             "max rel. err vs dual Newton | peak host RSS MiB | peak device MiB |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['dim']} | {r['dtype']} | {r['converged']}/{r['points']} | {r['first']:.2f} | "
-                     f"{r['second']:.2f} | {r['second'] / r['points'] * 1e3:.1f} | {r['max_steps']} | {r['max_err']:.1e} |")
+                     f"{r['second']:.2f} | {r['second'] / r['points'] * 1e3:.1f} | {r['max_steps']} | {r['max_err']:.1e} | "
+                     f"{_mib(r.get('peak_rss_mib'))} | {_mib(r.get('peak_device_mib'))} |")
     return "\n".join(lines)
 
 
