@@ -31,6 +31,7 @@ from ._certify import (
     named_potential as named_potential,
 )
 from ._data import population_error as population_error, sparse_regression as sparse_regression
+from ._program_cache import enable_compilation_cache as enable_compilation_cache
 from ._flow import (
     FlowSolution as FlowSolution,
     GradientFlowProblem as GradientFlowProblem,

@@ -26,6 +26,7 @@ import time
 import numpy as np
 
 from ._io import NETS, InputError, load_data, network_from_file, network_from_scale_shape
+from ._program_cache import enable_compilation_cache
 
 
 class _Parser(argparse.ArgumentParser):
@@ -606,45 +607,10 @@ def cmd_demo(args) -> int:
     return 0
 
 
-#: Compilations shorter than this are not written to the persistent cache (the many tiny ones).
-CACHE_MIN_COMPILE_SECONDS = 0.2
-
-
-def compilation_cache_dir() -> str | None:
-    """The command line's JAX compilation cache directory (module docstring), None when off."""
-    import os
-
-    path = os.environ.get("IBFLOW_CACHE_DIR")
-    if path is None:
-        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-        path = os.path.join(base, "ibflow", "jax")
-    return None if path.strip().lower() in ("", "off", "0", "none") else path
-
-
-def _enable_compilation_cache():
-    """JAX's persistent compilation cache (keyed on the program, compiler options, jaxlib and
-    device; data values are arguments, not constants, in the sweep's and certificates' programs),
-    and the traced programs of sweeps and `ibflow run` in its `programs/` folder
-    (`_program_cache`). An unwritable directory only costs the speed-up: JAX warns and compiles
-    as usual."""
-    import os
-
-    from . import _program_cache
-
-    path = compilation_cache_dir()
-    _program_cache.set_directory(None if path is None else os.path.join(path, "programs"))
-    if path is None:
-        return
-    import jax
-
-    jax.config.update("jax_compilation_cache_dir", path)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", CACHE_MIN_COMPILE_SECONDS)
-
-
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    _enable_compilation_cache()
+    enable_compilation_cache()
     if hasattr(args, "max_steps"):
         args.max_steps_given = args.max_steps is not None
         if args.max_steps is None:

@@ -177,7 +177,7 @@ def test_demo_main_job_certifies_every_point(tmp_path, capsys):
 
 
 def test_compilation_cache_dir_resolution(monkeypatch, tmp_path):
-    from ibflow._cli import compilation_cache_dir
+    from ibflow._program_cache import default_cache_dir as compilation_cache_dir
 
     monkeypatch.delenv("IBFLOW_CACHE_DIR", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
