@@ -7,11 +7,12 @@ command line therefore also keeps each traced program (`compile_program`: a swee
 program, `ibflow run`'s flows), serialised with `jax.export` (StableHLO, no Python),
 together with the structure of its outputs, and a later command of the same configuration and
 shapes deserialises it instead of tracing again; its compilation then comes from the
-compilation cache. Measured (2 cores, both caches filled by a first command): `ibflow sweep
---certify` of the Fig. 7.1 grid on new data, 0.5-0.6 s from the end of the imports to the
-lowered chunk program against 1.9-2.3 s, whole command 5.4-7.1 s against 7.1-9.3 s (4
-interleaved pairs); `ibflow run --certify` at d = 1000, the flow 0.73-0.93 s against
-1.64-2.12 s, whole command 3.7-5.0 s against 4.9-5.9 s (4 interleaved pairs).
+compilation cache. Library users turn both on with `enable_compilation_cache`. Measured
+(2 cores, both caches filled by a first command): `ibflow sweep --certify` of the Fig. 7.1 grid
+on new data, 0.5-0.6 s from the end of the imports to the lowered chunk program against
+1.9-2.3 s, whole command 5.4-7.1 s against 7.1-9.3 s (4 interleaved pairs); `ibflow run
+--certify` at d = 1000, the flow 0.73-0.93 s against 1.64-2.12 s, whole command 3.7-5.0 s
+against 4.9-5.9 s (4 interleaved pairs).
 
 A program is found again only under a key of everything its trace depends on: the command's
 configuration (network, options, solver), the arguments' shapes, dtypes and shardings, the JAX
@@ -34,7 +35,7 @@ from importlib import metadata
 import equinox as eqx
 import jax
 
-_directory: str | None = None  #: set by the command line (`set_directory`); None: off
+_directory: str | None = None  #: set by `enable_compilation_cache` (the command line calls it); None: off
 #: Programs kept at most (~80 KB each for the Fig. 7.1 sweep's chunk); the least recently used go.
 MAX_PROGRAMS = 256
 
