@@ -68,6 +68,15 @@ class _KernelEndGame(eqx.Module):
 _NOISE_PROBES = 4  # random-sign probes of `GradientFlowProblem.output_noise`
 
 
+def _psd_pinv_apply(M, b):
+    """`M⁺b` for a symmetric PSD `M` (n×n) through its eigendecomposition; eigen-directions below
+    `ε·n·λ_max` (rounding, not curvature) are left out. The end-games' Newton steps
+    (`kernel_jump`)."""
+    lam, Q = jnp.linalg.eigh(M)
+    keep = lam > jnp.finfo(lam.dtype).eps * lam.shape[0] * lam[-1]
+    return Q @ (jnp.where(keep, 1.0 / jnp.where(keep, lam, 1.0), 0.0) * (Q.T @ b))
+
+
 class GradientFlowProblem(_KernelEndGame):
     """A network's trainable parameters, its frozen part, the data and the loss.
 
@@ -103,10 +112,8 @@ class GradientFlowProblem(_KernelEndGame):
         """`(N,)`: how far a relative error of every parameter moves the outputs,
         `(Σ_i J_ni² θ_i²)^{1/2}` (J: the outputs' Jacobian), estimated as the root mean square
         of `J(θ∘z)` over `_NOISE_PROBES` fixed random-sign vectors z (one linearisation, one
-        jvp per probe; no Jacobian is formed). Zero for a loss other than the square loss,
-        whose flows get no floor."""
-        if not isinstance(self.loss, SquareLoss):
-            return jnp.zeros_like(self.y)
+        jvp per probe; no Jacobian is formed). Used for the square loss only (`stop_level`,
+        `evaluation_floor`)."""
         leaves, treedef = jax.tree_util.tree_flatten(params)
         keys = jax.random.split(jax.random.PRNGKey(0), (_NOISE_PROBES, len(leaves)))
         tangents = treedef.unflatten([
@@ -149,11 +156,8 @@ class GradientFlowProblem(_KernelEndGame):
         only. Eigen-directions of `JJᵀ` below `ε·N·λ_max` are left alone."""
         K, _, apply_T = gauss_newton_factor(self.network, params, self.X, lambda A: A)
         r = self.network(params).outputs(self.X) - self.y
-        lam, Q = jnp.linalg.eigh(K)
-        keep = lam > jnp.finfo(lam.dtype).eps * lam.shape[0] * lam[-1]
         flat, unravel = ravel_pytree(params)
-        step = apply_T(Q @ (jnp.where(keep, 1.0 / jnp.where(keep, lam, 1.0), 0.0) * (Q.T @ r)))
-        return unravel(flat - step)
+        return unravel(flat - apply_T(_psd_pinv_apply(K, r)))
 
     def warp_factor(self, params):
         """g(θ) > 0 of a time-warped flow `θ̇ = −g(θ)∇L(θ)` (Azulay §5); 1 by default."""
@@ -278,9 +282,7 @@ class ReducedFlowProblem(_KernelEndGame):
         order in the residual (the flow in a is the gradient ascent of the strictly concave
         `(Ω(Xᵀa) − yᵀa)/N`, `Ω' = w̃∘Φ`, whose maximiser is the flow's limit), and it removes
         the rounding noise the integration leaves."""
-        lam, Q = jnp.linalg.eigh(self.stiff_matrix(a))
-        keep = lam > jnp.finfo(a.dtype).eps * a.shape[0] * lam[-1]
-        return a + Q @ (jnp.where(keep, 1.0 / jnp.where(keep, lam, 1.0), 0.0) * (Q.T @ self.vector_field(a)))
+        return a + _psd_pinv_apply(self.stiff_matrix(a), self.vector_field(a))
 
 
 _MAX_JUMPS = 4  # kernel_jump steps of `_KernelEndGame.end_game`
@@ -558,7 +560,7 @@ def _gradient_flow(net, X, y, loss, solver, rtol, atol, loss_rtol, t_max, dt0, m
     final_state = jax.tree_util.tree_map(lambda a: a[-1], final_state)
     t_end = sol.ts[-1] if save_ts is None else sol.ts[0][-1]
 
-    if reduced or isinstance(loss, SquareLoss):
+    if isinstance(loss, SquareLoss):  # every reduced flow's too (`reducible`)
         # End-game: once integration has reached the stop level (the event fired), finish with
         # the linearised flow's limit; status then requires the target (or the rounding floor) below.
         w_before = problem.network(final_state).predictor()
