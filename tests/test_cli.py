@@ -177,15 +177,15 @@ def test_demo_main_job_certifies_every_point(tmp_path, capsys):
 
 
 def test_compilation_cache_dir_resolution(monkeypatch, tmp_path):
-    from ibflow._program_cache import default_cache_dir as compilation_cache_dir
+    from ibflow._program_cache import default_cache_dir
 
     monkeypatch.delenv("IBFLOW_CACHE_DIR", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    assert compilation_cache_dir() == str(tmp_path / "ibflow" / "jax")
+    assert default_cache_dir() == str(tmp_path / "ibflow" / "jax")
     monkeypatch.setenv("IBFLOW_CACHE_DIR", "off")
-    assert compilation_cache_dir() is None
+    assert default_cache_dir() is None
     monkeypatch.setenv("IBFLOW_CACHE_DIR", str(tmp_path / "c"))
-    assert compilation_cache_dir() == str(tmp_path / "c")
+    assert default_cache_dir() == str(tmp_path / "c")
 
 
 def test_sweep_compilation_cache_is_reused_across_data_values(tmp_path):
