@@ -24,6 +24,7 @@
 
 import functools
 import hashlib
+import inspect
 import json
 import os
 import time
@@ -113,11 +114,27 @@ _SOLVERS: dict = {}  # compiled chunk solvers of recent sweep configurations (`_
 _SOLVERS_KEPT = 8
 
 
+def _without_defaults(flow_kwargs: dict) -> dict:
+    """`flow_kwargs` less the entries that spell out `gradient_flow`'s own default (a plain
+    number, string or None of the default's type and value): the same flow, so the same
+    program key. The command line passes `loss_rtol`, `mode` and `max_steps` explicitly, a
+    library call or `ibflow demo` usually none: without this their kept and cached programs
+    had different keys, and a command-line sweep after `ibflow demo` at the same sizes traced
+    and compiled everything again."""
+    defaults = {k: p.default for k, p in inspect.signature(gradient_flow).parameters.items()
+                if p.kind is inspect.Parameter.KEYWORD_ONLY}
+    plain = (type(None), bool, int, float, str)
+    return {k: v for k, v in flow_kwargs.items()
+            if not (k in defaults and type(v) in plain and type(v) is type(defaults[k]) and v == defaults[k])}
+
+
 def _cached_chunk_solver(net, d, depth, width, slope, flow_kwargs, optimizer, train_kwargs):
     """`_chunk_solver` for this configuration, shared by later sweeps in the process: a second
     sweep of the same network and options (new α, s, data values, or data of the same shapes)
     reuses the compiled program instead of tracing and compiling it again (~2.5 s on the
-    Fig. 7.1 grid). Options that cannot be hashed (e.g. array-valued) get a fresh solver."""
+    Fig. 7.1 grid). Options that cannot be hashed (e.g. array-valued) get a fresh solver.
+    Options equal to `gradient_flow`'s defaults are dropped first (`_without_defaults`)."""
+    flow_kwargs = _without_defaults(flow_kwargs)
     key = (net, d, depth, width, slope, tuple(sorted(flow_kwargs.items())), optimizer,
            tuple(sorted((train_kwargs or {}).items())))
     build = lambda config=None: _chunk_solver(

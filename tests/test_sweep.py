@@ -216,6 +216,16 @@ def test_second_sweep_reuses_the_compiled_chunk(data):
     b = ib.sweep(D["X"] * 1.1, D["y"], **kw)
     assert (a["status"].values == "converged").all() and (b["status"].values == "converged").all()
     assert solve.cache_size() == compiled
+    # The command line spells out gradient_flow's documented defaults (`ibflow demo` and library
+    # calls do not): the same flow, so the same chunk program, not a second trace and compile.
+    def solver_with(**options):
+        return _cached_chunk_solver("diagonal", D["X"].shape[1], 2, 1, 0.2,
+                                    dict(rtol=ib._sweep.REDUCED_RTOL, atol=ib._sweep.REDUCED_ATOL, **options,
+                                         solver=ib.LinearlyImplicitExtrapolation(order_k=ib._sweep.REDUCED_ORDER)),
+                                    None, None)
+
+    assert solver_with(loss_rtol=1e-24, mode="auto", max_steps=20_000) is solve
+    assert solver_with(loss_rtol=1e-20) is not solve  # a non-default option is another flow
     for i, alpha in enumerate(kw["alphas"]):
         net = ib.diagonal_init(alpha, 0.5, D["X"].shape[1])
         ref = ib.dual_newton(ib.implicit_potential(net), D["X"] * 1.1, D["y"]).w
