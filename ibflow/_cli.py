@@ -118,8 +118,8 @@ def build_parser():
 
     demo = sub.add_parser("demo", help="small certified scale-vs-shape sweep with a table and a figure")
     demo.add_argument("--out", default="ibflow-demo")
-    demo.add_argument("--dim", type=int, default=100)
-    demo.add_argument("--samples", type=int, default=40)
+    demo.add_argument("--dim", type=int, default=1000)
+    demo.add_argument("--samples", type=int, default=100)
 
     return parser
 
