@@ -46,6 +46,16 @@ def cli_sweep(data, workdir, name, n_alpha, cache_dir):
     return time.perf_counter() - t0
 
 
+def cli_demo(workdir, cache_dir, dim=1000, samples=100):
+    """Wall seconds of `ibflow demo --dim dim --samples samples` (the README's main job) in a fresh
+    process with `IBFLOW_CACHE_DIR=cache_dir`; its files go to `workdir/demo`."""
+    cmd = [sys.executable, "-m", "ibflow", "demo", "--out", os.path.join(workdir, "demo"), "--dim", str(dim),
+           "--samples", str(samples)]
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True, capture_output=True, env=dict(os.environ, IBFLOW_CACHE_DIR=cache_dir))
+    return time.perf_counter() - t0
+
+
 def problem(dim=1000, samples=100, seed=0):
     D = ib.sparse_regression(num_samples=samples, dim=dim, seed=seed)
     return D["X"], D["y"], D["w_star"]
