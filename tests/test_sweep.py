@@ -204,12 +204,16 @@ def test_second_sweep_reuses_the_compiled_chunk(data):
     from ibflow._sweep import _cached_chunk_solver
 
     p, D = data
+
+    def solver_with(**options):  # the chunk solver of a default sweep of these data's shapes
+        return _cached_chunk_solver("diagonal", D["X"].shape[1], 2, 1, 0.2,
+                                    dict(rtol=ib._sweep.REDUCED_RTOL, atol=ib._sweep.REDUCED_ATOL, **options,
+                                         solver=ib.LinearlyImplicitExtrapolation(order_k=ib._sweep.REDUCED_ORDER)),
+                                    None, None)
+
     kw = dict(alphas=[0.01, 0.2], shapes=[0.0, 0.5], progress=False, chunk_size=4)
     a = ib.sweep(D["X"], D["y"], **kw)
-    solve = _cached_chunk_solver("diagonal", D["X"].shape[1], 2, 1, 0.2,
-                                 dict(rtol=ib._sweep.REDUCED_RTOL, atol=ib._sweep.REDUCED_ATOL,
-                                      solver=ib.LinearlyImplicitExtrapolation(order_k=ib._sweep.REDUCED_ORDER)),
-                                 None, None)
+    solve = solver_with()
     compiled = solve.cache_size()  # other tests' sweeps may have compiled other chunk sizes
     assert compiled >= 1
     kw["alphas"] = [0.02, 0.3]
@@ -218,12 +222,6 @@ def test_second_sweep_reuses_the_compiled_chunk(data):
     assert solve.cache_size() == compiled
     # The command line spells out gradient_flow's documented defaults (`ibflow demo` and library
     # calls do not): the same flow, so the same chunk program, not a second trace and compile.
-    def solver_with(**options):
-        return _cached_chunk_solver("diagonal", D["X"].shape[1], 2, 1, 0.2,
-                                    dict(rtol=ib._sweep.REDUCED_RTOL, atol=ib._sweep.REDUCED_ATOL, **options,
-                                         solver=ib.LinearlyImplicitExtrapolation(order_k=ib._sweep.REDUCED_ORDER)),
-                                    None, None)
-
     assert solver_with(loss_rtol=1e-24, mode="auto", max_steps=20_000) is solve
     assert solver_with(loss_rtol=1e-20) is not solve  # a non-default option is another flow
     for i, alpha in enumerate(kw["alphas"]):
