@@ -30,7 +30,16 @@ from ._solver import LinearlyImplicitExtrapolation
 class _KernelEndGame(eqx.Module):
     """The end-game shared by the flows of the square loss, whose limit has zero residual:
     `end_game` iterates the problem's `kernel_jump` (the limit of the flow linearised at the
-    state), and needs `loss_value`, `evaluation_floor`, `kernel_jump` and `target`."""
+    state), and needs `loss_value`, `evaluation_floor`, `kernel_jump`, `target` and (for
+    `noise_stop_level`) `noise_gain`."""
+
+    def noise_stop_level(self, noise):
+        """`max(target, ½ mean((_FLOOR_FACTOR · noise_gain · ε · noise)²))`: the loss level at
+        which rounding noise of size `ε·noise` (N,) in the outputs, amplified by the solver's
+        `noise_gain`, is all the integration still moves (each problem's `stop_level` gives
+        its own `noise`)."""
+        eps = jnp.finfo(noise.dtype).eps
+        return jnp.maximum(self.target, 0.5 * jnp.mean((_FLOOR_FACTOR * self.noise_gain * eps * noise) ** 2))
 
     def end_game(self, state, jump):
         """The end-game once the integration has stopped at `state` (`jump`: the stopping
@@ -135,10 +144,7 @@ class GradientFlowProblem(_KernelEndGame):
         flow converged, and other initialisations (α = 100…1000) stalled there too."""
         if not isinstance(self.loss, SquareLoss):
             return self.target
-        eps = jnp.finfo(self.y.dtype).eps
-        noise = self.output_noise(params) + jnp.abs(self.y)
-        floor = 0.5 * jnp.mean((_FLOOR_FACTOR * self.noise_gain * eps * noise) ** 2)
-        return jnp.maximum(self.target, floor)
+        return self.noise_stop_level(self.output_noise(params) + jnp.abs(self.y))
 
     def evaluation_floor(self, params):
         """The loss that rounding the parameters and the labels alone leaves:
@@ -176,7 +182,7 @@ class GradientFlowProblem(_KernelEndGame):
         return gauss_newton_factor(self.network, params, self.X, lambda A: c[:, None] * A)
 
 
-_FLOOR_FACTOR = 4.0  # safety factor on the rounding-noise floor of `ReducedFlowProblem.stop_level`
+_FLOOR_FACTOR = 4.0  # safety factor on the rounding-noise floors (`noise_stop_level`, `evaluation_floor`)
 _RESOLVED_TIME = 1e30  # t·tr(M) past which `ReducedFlowProblem.resolved` ends the integration
 
 
@@ -236,10 +242,8 @@ class ReducedFlowProblem(_KernelEndGame):
         net = self.network(a)
         k = net.predictor_kernel_diagonal()
         absX = jnp.abs(self.X)
-        eps = jnp.finfo(a.dtype).eps
         noise = absX @ (k * (jnp.abs(a) @ absX)) + absX @ jnp.abs(net.predictor()) + jnp.abs(self.y)
-        floor = 0.5 * jnp.mean((_FLOOR_FACTOR * self.noise_gain * eps * noise) ** 2)
-        return jnp.maximum(self.target, floor)
+        return self.noise_stop_level(noise)
 
     def evaluation_floor(self, a):
         """The loss that rounding alone leaves at a: the floor under the limit's loss.

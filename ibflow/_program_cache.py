@@ -75,10 +75,10 @@ def enable_compilation_cache(path: str | os.PathLike | None = None) -> str | Non
     the device; data values are arguments, not constants, in the sweep's, flows' and
     certificates' programs, so new data of the same shapes hits. An unwritable directory only
     costs the speed-up: JAX warns and compiles as usual. Opt-in: `import ibflow` never changes
-    JAX's cache settings, which are process-wide. Measured on the 2-core CPU (fifteenth session): a certified in-process
-    `sweep` of the Fig. 7.1 grid (d = 1000, N = 100, 100 points) took 4.5 s in a later process
-    against 9.3-10.2 s without the caches (the run that filled them: 10.5 s); on an H200 the
-    grid command line took 6.4 s warm against 16.3 s cold."""
+    JAX's cache settings, which are process-wide. Measured on the 2-core CPU (fifteenth
+    session): a certified in-process `sweep` of the Fig. 7.1 grid (d = 1000, N = 100, 100
+    points) took 4.5 s in a later process against 9.3-10.2 s without the caches (the run that
+    filled them: 10.5 s); on an H200 the grid command line took 6.4 s warm against 16.3 s cold."""
     path = default_cache_dir() if path is None else os.fspath(path)
     set_directory(None if path is None else os.path.join(path, "programs"))
     if path is not None:
