@@ -16,6 +16,7 @@
 Each writes PNG and PDF plus the netCDF dataset behind the figure.
 """
 
+import math
 import os
 
 import jax.numpy as jnp
@@ -41,11 +42,24 @@ def _save(fig, out, name):
 
 
 def plot_sweep(ds, path):
-    """Default sweep figure: population (or test, or train) error vs α, one line per shape;
-    points whose certificate failed are circled in red."""
-    plt = _plt()
+    """Default sweep figure (`sweep_figure`), written to `path` (PNG). Returns `path`."""
     if "step_size" in ds.dims:
         return _plot_step_size_sweep(ds, path)
+    fig = sweep_figure(ds)
+    fig.savefig(path, dpi=130, bbox_inches="tight")
+    _plt().close(fig)
+    return path
+
+
+def sweep_figure(ds):
+    """The default sweep figure: population (or test, or train) error vs α, one line per shape;
+    points whose certificate failed are circled in red. Returns the matplotlib figure.
+
+    It is drawn at the end of every `ibflow sweep` and `ibflow demo`, after the last chunk, so
+    its text avoids mathtext (`decade_label`; the α in the label is a Unicode character)."""
+    from matplotlib.ticker import FuncFormatter
+
+    plt = _plt()
     var = next(v for v in ("population_error", "test_error", "train_loss") if v in ds)
     fig, ax = plt.subplots(figsize=(5.5, 4))
     for j, s in enumerate(ds["shape"].values):
@@ -53,15 +67,32 @@ def plot_sweep(ds, path):
         ax.plot(ds["alpha"].values, vals, "o-", ms=3, label=f"s = {s:g}")
         if "passed" in ds:
             bad = ~ds["passed"].isel(shape=j, seed=0).values.astype(bool)
-            ax.plot(ds["alpha"].values[bad], vals[bad], "o", mfc="none", mec="red", ms=8)
+            # A colour of its own: without one, each overlay took the next shape's colour.
+            ax.plot(ds["alpha"].values[bad], vals[bad], "o", color="red", mfc="none", ms=8)
     ax.set_xscale("log")
-    ax.set_xlabel(r"initialisation scale $\alpha$")
+    ax.xaxis.set_major_formatter(FuncFormatter(decade_label))
+    ax.set_xlabel("initialisation scale α")
     ax.set_ylabel(var.replace("_", " "))
     ax.set_title(f"gradient-flow limit, {ds.attrs.get('net', '')} net")
     ax.legend(fontsize=8)
-    fig.savefig(path, dpi=130, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return fig
+
+
+_SUPERSCRIPT = str.maketrans("-0123456789", "⁻⁰¹²³⁴⁵⁶⁷⁸⁹")
+
+
+def decade_label(x, pos=None):
+    """A log axis's tick label in plain text: `10⁻⁵` at a power of ten, else `x` as `%g`.
+
+    matplotlib's default log-axis labels (`LogFormatterSciNotation`) are mathtext, each one
+    parsed and typeset: measured in a fresh process (2 cores, 5 interleaved pairs), the sweep
+    figure took 0.38-0.57 s with them and 0.26-0.29 s with these."""
+    del pos
+    if x > 0:
+        e = round(math.log10(x))
+        if math.isclose(x, 10.0**e, rel_tol=1e-9):
+            return f"10{str(e).translate(_SUPERSCRIPT)}"
+    return f"{x:g}"
 
 
 def _plot_step_size_sweep(ds, path):
