@@ -312,6 +312,10 @@ def sweep(
     grid = [(i, j, k, m) for m in np.argsort(-etas) for i, j in pairs for k in range(len(seeds))]
     n_dev = len(jax.devices())
     if chunk_size is None:
+        # 8 per device on every platform. On 2 CPU cores (Fig. 7.1 grid, in process, calls after
+        # the compiling one): 1.55-1.79 s at 8, 1.84-1.97 s at 4, 2.08-2.2 s at 16. On an H200 the
+        # whole grid in one chunk made the command line no faster warm and 5-6 s slower cold, and
+        # the demo's chunks then no longer served a later sweep (`benchmarks/results/gpu_h200.md`).
         chunk_size = min(len(grid), 8 * n_dev)
     chunk_size = max(n_dev, -(-chunk_size // n_dev) * n_dev)
 
