@@ -43,13 +43,15 @@ def _fail(msg, code=2):
 def _add_flow_options(p, sweep=False):
     if sweep:
         p.add_argument("--rtol", type=float, default=None,
-                       help="solver relative tolerance (default 1e-10; 1e-4 in reduced mode, whose limits do not "
-                            "depend on path errors)")
-        p.add_argument("--atol", type=float, default=None, help="solver absolute tolerance (default 1e-12; 1e-6 "
-                                                                 "in reduced mode)")
+                       help="solver relative tolerance (default 1e-10, 1e-11 at depth >= 3; 1e-4 in reduced mode, "
+                            "whose limits do not depend on path errors)")
+        p.add_argument("--atol", type=float, default=None, help="solver absolute tolerance (default 1e-12, 1e-13 at "
+                                                                 "depth >= 3; 1e-6 in reduced mode)")
     else:
-        p.add_argument("--rtol", type=float, default=1e-10, help="solver relative tolerance")
-        p.add_argument("--atol", type=float, default=1e-12, help="solver absolute tolerance")
+        p.add_argument("--rtol", type=float, default=None,
+                       help="solver relative tolerance (default 1e-10, 1e-11 at depth >= 3: ibflow.default_tolerances)")
+        p.add_argument("--atol", type=float, default=None, help="solver absolute tolerance (default 1e-12, 1e-13 at "
+                                                                 "depth >= 3)")
     p.add_argument("--mode", choices=("auto", "pure", "reduced"), default="auto",
                    help="pure: integrate the parameter ODE; reduced: the same flow in N coordinates where the network "
                         "has a closed-form flow map (two-layer diagonal, tied depth 2, linear); auto (default): "
