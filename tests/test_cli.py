@@ -155,6 +155,32 @@ def test_console_script_installed(files, tmp_path):
     assert json.loads((tmp_path / "o.json").read_text())["status"] == "converged"
 
 
+def test_run_in_float32_takes_the_float32_tolerances(files, tmp_path):
+    """With `IBFLOW_NO_X64=1`, `ibflow run` leaves its tolerances to `default_tolerances` (rtol
+    1e-5 in float32). It once passed float64's rtol 1e-10 itself, out of the float32 order-5
+    solver's reach: the same run with `--rtol 1e-10 --atol 1e-12` ends `stalled` (checked here),
+    the default converges to the float64 flow's limit within float32 accuracy."""
+    import os
+
+    p, _ = files
+    base = [sys.executable, "-m", "ibflow", "run", "--data", str(p / "d.npz"), "--net", "fc", "--init",
+            str(p / "fc.npz")]
+    env = dict(os.environ, IBFLOW_NO_X64="1", IBFLOW_CACHE_DIR="off")
+    out = {}
+    for name, extra in (("default", []), ("float64 tolerances", ["--rtol", "1e-10", "--atol", "1e-12",
+                                                                  "--max-steps", "2000"])):
+        proc = subprocess.run(base + ["--out", str(tmp_path / f"{name}.json")] + extra, env=env,
+                              capture_output=True, text=True)
+        assert (tmp_path / f"{name}.json").exists(), proc.stderr
+        out[name] = json.loads((tmp_path / f"{name}.json").read_text())
+    assert out["default"]["status"] == "converged"
+    assert out["float64 tolerances"]["status"] != "converged"
+    rc, r64 = _run(["run", "--data", str(p / "d.npz"), "--net", "fc", "--init", str(p / "fc.npz")], tmp_path)
+    assert rc == 0 and r64["status"] == "converged"
+    a, b = np.asarray(out["default"]["predictor"]), np.asarray(r64["predictor"])
+    assert np.linalg.norm(a - b) <= 1e-4 * np.linalg.norm(b)
+
+
 def test_demo_main_job_certifies_every_point(tmp_path, capsys):
     """The README's main job (`ibflow demo`) at a small size: exit 0, the dataset and the
     figure written, every point converged and certified, and each limit equal to the
