@@ -5,10 +5,11 @@ the fully connected neuron at d = 100, N = 40).
 
 Prints a Markdown table: seconds per initialisation, function evaluations, relative
 error vs the exact limit (dual Newton), and the ratios the performance goals name.
-ibflow runs twice: with `gradient_flow`'s default tolerances (`ib.default_tolerances`: rtol 1e-10, 1e-11 at depth ≥ 3; the trajectory too)
-and at looser ones for the goal's accuracy (relative error ≤ 1e-8): where the reduced coordinates
-apply, the tolerances and order a sweep uses there (`ibflow._sweep.REDUCED_RTOL`,
-`REDUCED_ORDER`: the limit only, which path errors do not move); elsewhere (the parameter ODE,
+ibflow runs twice: with `gradient_flow`'s default tolerances (`ib.default_solver_tolerances`:
+rtol 1e-10, 1e-11 at depth ≥ 3; the trajectory too) and at looser ones for the goal's accuracy
+(relative error ≤ 1e-8): where the reduced coordinates apply, the tolerances and order a sweep
+uses there (`ibflow._sweep.REDUCED_RTOL`, `REDUCED_ORDER`: the limit only, which path errors do
+not move); elsewhere (the parameter ODE,
 whose limit the path's error does move) `PURE_LOOSE` = rtol 1e-9, atol 1e-11 (at rtol 1e-8 the
 depth-3 row erred by 1.7e-8: its limit error is ~2 × rtol, the FC neuron's ≤ 1e-2 × rtol).
 The GD loop and LSODA get a time limit per run (reported as "> limit" when hit). ibflow's and the

@@ -36,7 +36,7 @@ from ._flow import (
     FlowSolution as FlowSolution,
     GradientFlowProblem as GradientFlowProblem,
     default_solver as default_solver,
-    default_tolerances as default_tolerances,
+    default_solver_tolerances as default_solver_tolerances,
     gradient_flow as gradient_flow,
 )
 from ._init import (

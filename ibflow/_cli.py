@@ -49,7 +49,8 @@ def _add_flow_options(p, sweep=False):
                                                                  "depth >= 3; 1e-6 in reduced mode)")
     else:
         p.add_argument("--rtol", type=float, default=None,
-                       help="solver relative tolerance (default 1e-10, 1e-11 at depth >= 3: ibflow.default_tolerances)")
+                       help="solver relative tolerance (default 1e-10, 1e-11 at depth >= 3: "
+                            "ibflow.default_solver_tolerances)")
         p.add_argument("--atol", type=float, default=None, help="solver absolute tolerance (default 1e-12, 1e-13 at "
                                                                  "depth >= 3)")
     p.add_argument("--mode", choices=("auto", "pure", "reduced"), default="auto",

@@ -459,9 +459,9 @@ def gradient_flow(
       (`LinearlyImplicitExtrapolation(8)` in float64, order 5 with `IBFLOW_NO_X64=1`; stiff,
       Woodbury linear algebra). `diffrax.Kvaerno5()` (dense Jacobian) and
       explicit solvers such as `diffrax.Tsit5()` give a "pure" reference mode.
-    - `rtol`, `atol`: tolerances of diffrax's `PIDController`; default `default_tolerances`:
-      1e-10 and 1e-12 in float64, 1e-11 and 1e-13 for networks of degree ≥ 3 (depth ≥ 3),
-      1e-5 and 1e-9 in float32 (`IBFLOW_NO_X64=1`).
+    - `rtol`, `atol`: tolerances of diffrax's `PIDController`; default
+      `default_solver_tolerances`: 1e-10 and 1e-12 in float64, 1e-11 and 1e-13 for networks
+      of degree ≥ 3 (depth ≥ 3), 1e-5 and 1e-9 in float32 (`IBFLOW_NO_X64=1`).
     - `loss_rtol`: stop when `L(θ) ≤ max(loss_rtol·L(θ(0)), loss.floor(y))` (square loss:
       or the float64 floor at the limit, whichever is higher; see `FlowSolution.loss_target`).
     - `t_max`: time horizon (default ∞); reaching it unconverged is `not_converged`.
@@ -489,7 +489,7 @@ def gradient_flow(
     has converged.
     """
     dtype = jnp.result_type(float)
-    default_rtol, default_atol = default_tolerances(net, dtype)
+    default_rtol, default_atol = default_solver_tolerances(net, dtype)
     rtol = default_rtol if rtol is None else rtol
     atol = default_atol if atol is None else atol
     return _gradient_flow(
@@ -499,7 +499,7 @@ def gradient_flow(
     )
 
 
-def default_tolerances(net: AbstractNetwork, dtype=None) -> tuple[float, float]:
+def default_solver_tolerances(net: AbstractNetwork, dtype=None) -> tuple[float, float]:
     """`gradient_flow`'s default `(rtol, atol)` for `net` in `dtype` (default: JAX's float type).
 
     - float64: `(1e-10, 1e-12)`; `(1e-11, 1e-13)` for networks of homogeneity degree ≥ 3

@@ -156,8 +156,8 @@ def test_console_script_installed(files, tmp_path):
 
 
 def test_run_in_float32_takes_the_float32_tolerances(files, tmp_path):
-    """With `IBFLOW_NO_X64=1`, `ibflow run` leaves its tolerances to `default_tolerances` (rtol
-    1e-5 in float32). It once passed float64's rtol 1e-10 itself, out of the float32 order-5
+    """With `IBFLOW_NO_X64=1`, `ibflow run` leaves its tolerances to `default_solver_tolerances`
+    (rtol 1e-5 in float32). It once passed float64's rtol 1e-10 itself, out of the float32 order-5
     solver's reach: the same run with `--rtol 1e-10 --atol 1e-12` does not converge (checked here
     in 2000 steps; measured `stalled` at 20000), the default converges to the float64 flow's
     limit within float32 accuracy."""

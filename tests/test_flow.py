@@ -143,8 +143,8 @@ def test_large_scale_flow_reaches_its_limit(kind, alpha, key, seed):
 
 def test_deep_nets_default_tolerances_keep_the_limit():
     """Depth-≥3 nets learn incrementally from small initialisations and their limits move with
-    the solver's rtol, so their default is 1e-11 (`default_tolerances`). This depth-3 diagonal
-    net (random signs, scale 0.015, N = 9, d = 25) ended 1.8e-9 from its limit at the two-layer
+    the solver's rtol, so their default is 1e-11 (`default_solver_tolerances`). This depth-3
+    diagonal net (random signs, scale 0.015, N = 9, d = 25) ended 1.8e-9 from its limit at the two-layer
     default rtol 1e-10 and 1.4e-10 at 1e-11 (measured against the same flow at rtol 1e-13, which
     diffrax's Kvaerno5, a dense-Jacobian method, matched to 1.4e-11 at rtol 1e-11 and 1e-12 in
     26k-43k steps, too slow here). The limit below is the flow at rtol 1e-12 (3.3e-11 from rtol
@@ -152,9 +152,9 @@ def test_deep_nets_default_tolerances_keep_the_limit():
     rng = np.random.default_rng(8)
     X, y = rng.standard_normal((9, 25)), rng.standard_normal(9)
     net = ib.DiagonalNet(*(jnp.asarray(0.015 * rng.uniform(-1, 1, (3, 25))) for _ in range(2)))
-    assert ib.default_tolerances(net) == (1e-11, 1e-13)
-    assert ib.default_tolerances(ib.diagonal_init(0.1, 0.0, 25)) == (1e-10, 1e-12)
-    assert ib.default_tolerances(net, jnp.float32) == (1e-5, 1e-9)
+    assert ib.default_solver_tolerances(net) == (1e-11, 1e-13)
+    assert ib.default_solver_tolerances(ib.diagonal_init(0.1, 0.0, 25)) == (1e-10, 1e-12)
+    assert ib.default_solver_tolerances(net, jnp.float32) == (1e-5, 1e-9)
     limit = ib.gradient_flow(net, X, y, rtol=1e-12, atol=1e-14).predictor
     assert rel(ib.gradient_flow(net, X, y).predictor, limit) <= 5e-10
 
