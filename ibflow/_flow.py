@@ -21,8 +21,9 @@ from jax.flatten_util import ravel_pytree
 from jaxtyping import Array, Float
 
 from ._checks import checks_enabled, value_check
+from ._kinks import PiecewiseNeuron, flow_across_kinks
 from ._losses import AbstractLoss, SquareLoss
-from ._networks import AbstractNetwork
+from ._networks import AbstractNetwork, LeakyReLUNeuron
 from ._results import RESULTS, status_word
 from ._solver import LinearlyImplicitExtrapolation
 
@@ -528,6 +529,49 @@ def default_solver_tolerances(net: AbstractNetwork, dtype=None) -> tuple[float, 
     return 1e-10, 1e-12
 
 
+def _integrate(net, X, y, loss, solver, rtol, atol, t_max, dt0, max_steps, save_ts, warp, reduced, target, noise_gain):
+    """One diffrax solve of a smooth flow (the parameter ODE, or the reduced one), until the
+    stopping event; returns `(problem, state, t_end, result, stats, stopped, ts, trajectory)` as
+    `_kinks.flow_across_kinks` does."""
+    params, frozen = eqx.partition(net, net.trainable())
+    if reduced:
+        problem = ReducedFlowProblem(net, X, y, loss, target, noise_gain)
+        state0, vector_field = jnp.zeros_like(y), _reduced_vector_field
+    else:
+        problem = GradientFlowProblem(frozen, X, y, loss, target, warp, noise_gain)
+        state0, vector_field = params, _vector_field
+
+    if save_ts is None:
+        saveat = dfx.SaveAt(t1=True)
+    else:
+        save_fn = lambda t, p, prob: (prob.loss_value(p), prob.network(p).predictor())
+        saveat = dfx.SaveAt(subs=[dfx.SubSaveAt(t1=True), dfx.SubSaveAt(ts=save_ts, fn=save_fn)])
+
+    sol = dfx.diffeqsolve(
+        dfx.ODETerm(vector_field),
+        solver,
+        t0=0.0,
+        t1=t_max,
+        dt0=dt0,
+        y0=state0,
+        args=problem,
+        # Steps land on the save times, so the trajectory is step-exact (no interpolation).
+        stepsize_controller=dfx.PIDController(rtol=rtol, atol=atol, step_ts=save_ts),
+        event=dfx.Event(_converged),
+        saveat=saveat,
+        max_steps=max_steps,
+        throw=False,
+    )
+    if save_ts is None:
+        final_state, ts, traj = sol.ys, None, None
+    else:
+        final_state, ts, traj = sol.ys[0], sol.ts[1], sol.ys[1]
+    final_state = jax.tree_util.tree_map(lambda a: a[-1], final_state)
+    t_end = sol.ts[-1] if save_ts is None else sol.ts[0][-1]
+    stopped = sol.result == dfx.RESULTS.event_occurred
+    return problem, final_state, t_end, RESULTS.promote(sol.result), sol.stats, stopped, ts, traj
+
+
 def _check_mode(mode, net, loss, warp) -> bool:
     """True for the reduced coordinates (trace-time checks of `mode`)."""
     if mode not in ("auto", "pure", "reduced"):
@@ -558,63 +602,37 @@ def _gradient_flow(net, X, y, loss, solver, rtol, atol, loss_rtol, t_max, dt0, m
     probe = GradientFlowProblem(frozen, X, y, loss, jnp.zeros((), X.dtype), warp)
     loss0 = probe.loss_value(params)
     target = jnp.maximum(loss_rtol * loss0, loss.floor(y))
-    if reduced:
-        problem = ReducedFlowProblem(net, X, y, loss, target, getattr(solver, "noise_gain", 10.0))
-        state0, vector_field = jnp.zeros_like(y), _reduced_vector_field
+    noise_gain = getattr(solver, "noise_gain", 10.0)
+    if isinstance(net, LeakyReLUNeuron):
+        # Non-smooth on its kinks: integrated piece by piece, sliding where the flow slides.
+        problem, final_state, t_end, result, stats, jump, ts, traj = flow_across_kinks(
+            net, X, y, loss, solver, rtol, atol, t_max, dt0, max_steps, save_ts, warp, target, noise_gain)
     else:
-        problem = GradientFlowProblem(frozen, X, y, loss, target, warp, getattr(solver, "noise_gain", 10.0))
-        state0, vector_field = params, _vector_field
-
-    if save_ts is None:
-        saveat = dfx.SaveAt(t1=True)
-    else:
-        save_fn = lambda t, p, prob: (prob.loss_value(p), prob.network(p).predictor())
-        saveat = dfx.SaveAt(subs=[dfx.SubSaveAt(t1=True), dfx.SubSaveAt(ts=save_ts, fn=save_fn)])
-
-    sol = dfx.diffeqsolve(
-        dfx.ODETerm(vector_field),
-        solver,
-        t0=0.0,
-        t1=t_max,
-        dt0=dt0,
-        y0=state0,
-        args=problem,
-        # Steps land on the save times, so the trajectory is step-exact (no interpolation).
-        stepsize_controller=dfx.PIDController(rtol=rtol, atol=atol, step_ts=save_ts),
-        event=dfx.Event(_converged),
-        saveat=saveat,
-        max_steps=max_steps,
-        throw=False,
-    )
-    if save_ts is None:
-        final_state, ts, traj = sol.ys, None, (None, None)
-    else:
-        final_state, (ts, traj) = sol.ys[0], (sol.ts[1], sol.ys[1])
-    final_state = jax.tree_util.tree_map(lambda a: a[-1], final_state)
-    t_end = sol.ts[-1] if save_ts is None else sol.ts[0][-1]
+        problem, final_state, t_end, result, stats, jump, ts, traj = _integrate(
+            net, X, y, loss, solver, rtol, atol, t_max, dt0, max_steps, save_ts, warp, reduced, target, noise_gain)
 
     if isinstance(loss, SquareLoss):  # every reduced flow's too (`reducible`)
         # End-game: once integration has reached the stop level (the event fired), finish with
         # the linearised flow's limit; status then requires the target (or the rounding floor) below.
         w_before = problem.network(final_state).predictor()
         # A target below what float64 can resolve at the limit is replaced by that floor.
-        final_state, target = problem.end_game(final_state, sol.result == dfx.RESULTS.event_occurred)
+        final_state, target = problem.end_game(final_state, jump)
         final = problem.network(final_state)
         end_jump = jnp.linalg.norm(final.predictor() - w_before) / jnp.maximum(jnp.linalg.norm(w_before), 1e-300)
-        final_params = eqx.filter(final, net.trainable()) if reduced else final_state
     else:
-        final_params = final_state
-        final = eqx.combine(final_params, frozen)
+        final = problem.network(final_state)
         end_jump = jnp.zeros((), X.dtype)
+    if isinstance(final, PiecewiseNeuron):
+        final = final.neuron()
+    final_params = eqx.filter(final, net.trainable())
     loss_end = problem.loss_value(final_state)
-    result = RESULTS.promote(sol.result)
     result = RESULTS.where(result == RESULTS.event_occurred, RESULTS.successful, result)
     # Reaching t_max without the stopping event is not convergence, nor (square loss) an
     # end-game jump that left the loss above the target.
     result = RESULTS.where((result == RESULTS.successful) & (loss_end > target), RESULTS.not_converged, result)
-    rejected = sol.stats["num_rejected_steps"]
+    rejected = stats["num_rejected_steps"]
     result = RESULTS.where(
-        (result == RESULTS.max_steps_reached) & (2 * rejected > sol.stats["num_steps"]), RESULTS.stalled, result
+        (result == RESULTS.max_steps_reached) & (2 * rejected > stats["num_steps"]), RESULTS.stalled, result
     )
     flat_end, _ = ravel_pytree(final_params)
     finite = jnp.all(jnp.isfinite(flat_end)) & jnp.isfinite(loss_end)
@@ -630,16 +648,16 @@ def _gradient_flow(net, X, y, loss, solver, rtol, atol, loss_rtol, t_max, dt0, m
         loss0=loss0,
         loss_target=target,
         t_end=t_end,
-        num_steps=sol.stats["num_steps"],
-        num_accepted_steps=sol.stats["num_accepted_steps"],
-        num_rejected_steps=sol.stats["num_rejected_steps"],
-        num_fevals=sol.stats["num_steps"] * evals_per_step,
+        num_steps=stats["num_steps"],
+        num_accepted_steps=stats["num_accepted_steps"],
+        num_rejected_steps=stats["num_rejected_steps"],
+        num_fevals=stats["num_steps"] * evals_per_step,
         invariant_drift=drift,
         end_jump=end_jump,
         result=result,
         ts=ts,
-        trajectory_loss=traj[0],
-        trajectory_predictor=traj[1],
+        trajectory_loss=None if traj is None else traj[0],
+        trajectory_predictor=None if traj is None else traj[1],
     )
     if throw:
         out = result.error_if(out, result != RESULTS.successful)

@@ -18,8 +18,8 @@ class RESULTS(dfx.RESULTS):  # pyright: ignore
     nonfinite_flow = "The flow produced a non-finite (NaN/inf) parameter or loss."
     stalled = (
         "Most steps were rejected until the step budget ran out: the vector field is probably "
-        "non-smooth along the flow (e.g. sliding on a leaky-ReLU kink, where the exact flow is a "
-        "Filippov solution) or the flow is diverging."
+        "non-smooth along the flow or the flow is diverging; or (leaky-ReLU neuron) the flow met "
+        "more kink events than its budget (8N + 64) allows."
     )
     invalid_input = "The input contained a non-finite value or violated a precondition."
     unstable = (

@@ -92,3 +92,104 @@ def catalogue_params(names):
 def labels_for(name, y):
     """Leaky-ReLU with a > 0 needs labels reachable by a·σ(·): any sign is fine."""
     return y
+
+
+def filippov_leaky_neuron(X, y, w0, a0, rho, t_max=1e12, rtol=1e-12, atol=1e-14, max_events=400):
+    """An independent reference for the leaky-ReLU neuron's flow on the square loss
+    `L = (1/2N) Σ (a σ(x_nᵀw) − y_n)²`, `σ(z) = max(z, ρz)`, as a Filippov solution (Filippov
+    1988 §4): SciPy Radau between events, each piece with its samples' slopes fixed and w
+    projected off the sliding samples' x_n; SciPy's event location (dense output) finds where a
+    sample reaches its kink (it crosses, or slides when both sides' ż_n point at the kink) or a
+    sliding sample's equivalent control λ_n leaves [ρ, 1] (it leaves to the slope-1 or slope-ρ
+    side). Stops at `L ≤ 1e-26` or `t_max`. Returns `(w, a, events)`, events `(kind, n, t)`.
+    Written with NumPy and SciPy only, apart from ibflow's `_kinks` (the decisions are the same
+    by design; the integrator, event location and linear algebra are not)."""
+    from scipy.integrate import solve_ivp
+
+    X, y = np.asarray(X, float), np.asarray(y, float)
+    N, d = X.shape
+    side = np.where(X @ w0 > 0, 1.0, rho)  # the slope of each sample not sliding
+    S = np.zeros(N, bool)
+    state, t, events = np.concatenate([w0, [a0]]).astype(float), 0.0, []
+
+    def projector():
+        if not S.any():
+            return np.eye(d)
+        XS = X[S]
+        return np.eye(d) - XS.T @ np.linalg.solve(XS @ XS.T, XS)
+
+    def parts(s):
+        w, a = s[:-1], s[-1]
+        z = np.where(S, 0.0, X @ w)
+        r = (a * side * z - y) / N
+        return w, a, z, r, X.T @ (r * a * side * ~S)
+
+    def rhs(t, s, P):
+        _, _, z, r, gw = parts(s)
+        return np.concatenate([-(P @ gw), [-(r @ (side * z))]])
+
+    def control(s):  # λ on S
+        _, a, _, r, g_rest = parts(s)
+        XS = X[S]
+        return -np.linalg.solve(XS @ XS.T, XS @ g_rest) / (r[S] * a)
+
+    def project(s):
+        if S.any():
+            XS = X[S]
+            s[:-1] -= XS.T @ np.linalg.solve(XS @ XS.T, XS @ s[:-1])
+        return s
+
+    for _ in range(max_events):
+        # Events due at once: sliding samples whose λ has left [ρ, 1].
+        while S.any():
+            lam = control(state)
+            out = np.where((lam < rho - 1e-12) | (lam > 1 + 1e-12))[0]
+            if not len(out):
+                break
+            n = np.where(S)[0][out[0]]
+            S[n], side[n] = False, (1.0 if lam[out[0]] > 1 else rho)
+            state = project(state)
+            events.append(("exit", n, t))
+        P = projector()
+        funcs = []
+        for n in range(N):
+            if S[n]:
+                k = int(np.sum(S[:n]))
+                fn = lambda t, s, P, k=k: (control(s)[k] - rho) * (1 - control(s)[k])
+            else:
+                fn = lambda t, s, P, n=n, sg=(1.0 if side[n] == 1.0 else -1.0): sg * (X[n] @ s[:-1])
+            fn.terminal, fn.direction = True, -1
+            funcs.append(fn)
+
+        def converged(t, s, P):
+            w, a = s[:-1], s[-1]
+            f = a * np.maximum(X @ w, rho * (X @ w))
+            return np.log(0.5 * np.mean((f - y) ** 2)) - np.log(1e-26)
+
+        converged.terminal, converged.direction = True, -1
+        sol = solve_ivp(rhs, (t, t_max), state, method="Radau", rtol=rtol, atol=atol, events=funcs + [converged],
+                        args=(P,))
+        state, t = sol.y[:, -1].copy(), sol.t[-1]
+        hit = [n for n in range(N) if len(sol.t_events[n])]
+        if sol.status != 1 or len(sol.t_events[N]) or not hit:
+            break
+        n = hit[0]
+        if S[n]:
+            lam = control(state)[int(np.sum(S[:n]))]
+            S[n], side[n] = False, (1.0 if lam > (1 + rho) / 2 else rho)
+            state = project(state)
+            events.append(("exit", n, t))
+            continue
+        v = {}
+        for slope in (1.0, rho):
+            old, side[n] = side[n], slope
+            v[slope] = X[n] @ rhs(t, state, P)[:-1]
+            side[n] = old
+        if v[1.0] < 0 < v[rho]:
+            S[n] = True
+            state = project(state)
+            events.append(("slide", n, t))
+        else:
+            side[n] = rho if side[n] == 1.0 else 1.0
+            events.append(("cross", n, t))
+    return state[:-1], state[-1], events

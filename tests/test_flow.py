@@ -11,7 +11,7 @@ import pytest
 from scipy.linalg import expm
 
 import ibflow as ib
-from helpers import CATALOGUE, DRIFT_TOL, problem, rel
+from helpers import CATALOGUE, DRIFT_TOL, filippov_leaky_neuron, problem, rel
 
 
 @functools.lru_cache(maxsize=None)
@@ -238,17 +238,65 @@ def test_nonfinite_flow_is_reported():
     assert sol.status != "converged"
 
 
-def test_kink_sliding_is_reported_as_stalled():
-    """A leaky-ReLU flow that slides on a kink (wᵀx_n = 0) is non-smooth there; the solve
-    must say so rather than claim convergence."""
-    D = ib.sparse_regression(num_samples=6, dim=10, seed=2)
-    w = np.random.default_rng(5)
-    for _ in range(5):  # the 5th draw of this stream slides on a kink (a = 1.5)
-        w0 = w.standard_normal(10) * 0.3
-    net = ib.LeakyReLUNeuron(jnp.asarray(w0), jnp.asarray(1.5), 0.2)
-    sol = ib.gradient_flow(net, D["X"], D["y"], max_steps=3000, throw=False)
-    assert sol.status == "stalled"
-    assert np.min(np.abs(D["X"] @ np.asarray(sol.network.w))) < 1e-6  # sitting on a kink
+def _kink_case(seed):
+    """Random data (N = 5, d = 12) and a leaky-ReLU neuron (ρ = 0.1) whose flow slides on kinks
+    (found with `filippov_leaky_neuron`): seed 2 slides on two kinks at once, seed 66 starts a
+    slide whose equivalent controls at once push another sample off its kink."""
+    rng = np.random.default_rng(seed)
+    X, y = rng.standard_normal((5, 12)), rng.standard_normal(5)
+    return X, y, rng.standard_normal(12) * 0.5, 1.0, 0.1
+
+
+@pytest.mark.parametrize("seed", [2, 66])
+def test_kink_sliding_follows_the_filippov_solution(seed):
+    """Where a leaky-ReLU flow reaches a kink (wᵀx_n = 0) from a side whose field points back, the
+    exact flow slides along it (Filippov); ibflow must follow it to the same limit as an
+    independent SciPy event-driven solution (Radau, its own event location), keep a² − ‖w‖², and
+    converge (before, every such flow ended `stalled` on the kink)."""
+    X, y, w0, a0, rho = _kink_case(seed)
+    w_ref, a_ref, events = filippov_leaky_neuron(X, y, w0, a0, rho)
+    kinds = [e[0] for e in events]
+    assert kinds.count("slide") >= 2 and "exit" in kinds  # the case exercises sliding
+    sol = ib.gradient_flow(ib.LeakyReLUNeuron(jnp.asarray(w0), jnp.asarray(a0), rho), X, y)
+    assert sol.status == "converged"
+    assert rel(sol.predictor, a_ref * w_ref) < 1e-9
+    assert float(sol.invariant_drift) < DRIFT_TOL
+    assert float(sol.loss) <= float(sol.loss_target)
+
+
+def test_kink_flow_trajectory_and_horizon():
+    """The trajectory at `save_ts` (times before, between and after the slides) and the state at
+    a horizon `t_max` inside a slide both follow the SciPy Filippov solution."""
+    X, y, w0, a0, rho = _kink_case(2)
+    _, _, events = filippov_leaky_neuron(X, y, w0, a0, rho)
+    times = sorted({0.5 * events[0][2]} | {e[2] * f for e in events[:6] for f in (0.99, 1.01)})
+    net = ib.LeakyReLUNeuron(jnp.asarray(w0), jnp.asarray(a0), rho)
+    sol = ib.gradient_flow(net, X, y, save_ts=jnp.asarray(times))
+    for t, pred in zip(times, np.asarray(sol.trajectory_predictor)):
+        w_t, a_t, _ = filippov_leaky_neuron(X, y, w0, a0, rho, t_max=t)
+        assert rel(pred, a_t * w_t) < 1e-9, t
+    sliding_at = next(e[2] for e in events if e[0] == "slide") * 1.01
+    cut = ib.gradient_flow(net, X, y, t_max=sliding_at, throw=False)
+    assert cut.status == "not_converged" and float(cut.t_end) == pytest.approx(sliding_at)
+    w_t, a_t, _ = filippov_leaky_neuron(X, y, w0, a0, rho, t_max=sliding_at)
+    assert rel(cut.network.w, w_t) < 1e-9 and abs(float(cut.network.a) - a_t) < 1e-9
+    assert np.min(np.abs(X @ np.asarray(cut.network.w))) < 1e-12  # on the kink
+
+
+def test_relu_dead_samples_are_not_called_converged():
+    """ρ = 0 (plain ReLU): a sample left on the flat side has no gradient, so a flow can end at a
+    non-interpolating point; the SciPy Filippov solution ends there too, and ibflow must not
+    report `converged`."""
+    rng = np.random.default_rng(0)
+    X, y = rng.standard_normal((5, 12)), rng.standard_normal(5)
+    w0 = rng.standard_normal(12) * 0.5
+    w_ref, a_ref, _ = filippov_leaky_neuron(X, y, w0, 1.0, 0.0, t_max=1e6)
+    loss_ref = 0.5 * np.mean((a_ref * np.maximum(X @ w_ref, 0.0) - y) ** 2)
+    sol = ib.gradient_flow(ib.LeakyReLUNeuron(jnp.asarray(w0), jnp.asarray(1.0), 0.0), X, y, t_max=1e6,
+                           throw=False)
+    assert loss_ref > 1e-3  # the reference stalls at a positive loss
+    assert sol.status == "not_converged"
+    assert rel(sol.predictor, a_ref * w_ref) < 1e-8
 
 
 def _large_scale_net(kind, dtype):

@@ -1,0 +1,392 @@
+"""The leaky-ReLU neuron's gradient flow across its kinks: a Filippov solution, event by event.
+
+`σ(z) = max(z, ρz)` has a kink at z = 0, so on each hyperplane `z_n = wᵀx_n = 0` of the
+training data the flow `θ̇ = −∇L(θ)` is the differential inclusion `θ̇ ∈ −∂L(θ)` (Clarke's
+subdifferential, σ'(0) any value in [ρ, 1]), whose solution is Filippov's (Filippov 1988,
+*Differential Equations with Discontinuous Righthand Sides*; gradient flows of homogeneous
+ReLU-type networks are defined in this sense by Lyu & Li, ICLR 2020). Where the flow
+meets a kink from one side and the vector field on the other side points back, it neither
+crosses nor stops: it *slides* along the kink, with the sample's output held at 0 and σ'(0)
+replaced by the equivalent control λ_n ∈ [ρ, 1] that keeps `ż_n = 0` (Utkin 1992). An
+integrator that steps through the kink sees a vector field that flips at every step (ibflow
+used to end such flows `stalled` on the kink).
+
+Method (event-driven; each piece smooth):
+
+- Between events every sample has a *side* `s_n`: +1 (slope 1), −1 (slope ρ), or 0 (sliding,
+  output 0). The flow is then the smooth gradient flow of the loss with those slopes, with w
+  confined to the subspace `{w : x_nᵀw = 0 for every sliding n}`: the network's outputs use
+  `Pw` (P the orthogonal projection onto it), so the flow moves w by `−P∇L`, which is
+  exactly the sliding motion (the sliding samples' own terms `λ_n c_n x_n` are what P removes,
+  whatever λ_n). That flow is solved by the same diffrax solver as any other network's.
+- The piece ends at the first zero of `φ = min_n φ_n`: `φ_n = s_n z_n/‖x_n‖` for a sample on a
+  side (it reaches its kink), `min(λ_n − ρ, 1 − λ_n)` for a sliding one (its equivalent
+  control, `λ_n = v_n/(a ∂L/∂f_n)` with `X_Sᵀv = −(I − P)∇L_rest`, leaves [ρ, 1]). diffrax
+  stops on the step where φ changes sign; the zero is then located by a bracketing root
+  finder (Illinois) on `τ ↦ φ(y(t_a + τ))`, each trial state solved afresh from that step's
+  start `(t_a, y_a)` (kept in the solver state) by the same solver and tolerances: the state at
+  the event is on the integrated flow, not an interpolation. The trials run through the same
+  compiled `diffeqsolve` as the pieces (a separate root finder holding its own solver step
+  compiled in 12-15 s against 9-12 s, 2 cores).
+- At the event, for a sample reaching its kink, `ż_n` is computed with its slope-1 and its
+  slope-ρ term: if the field on the far side carries it on, it crosses; if the field on its own
+  side turns it back, it stays (a touch); if both fields point at the kink (ż_n < 0 with slope 1,
+  > 0 with slope ρ), it starts sliding. A sliding sample whose λ_n reaches 1 (or ρ) leaves
+  to the slope-1 (slope-ρ) side. Several events at one time are
+  taken one after the other (a zero-length piece).
+
+Conserved: `a² − ‖w‖²` (the neuron's balancedness, Du et al. 2018) holds along every piece,
+sliding ones included (`wᵀP∇_wL = a ∂L/∂a` by homogeneity), and is reported as
+`FlowSolution.invariant_drift`. Time is the flow's own, as in `gradient_flow`.
+"""
+
+from typing import ClassVar
+
+import diffrax as dfx
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float
+
+from ._networks import AbstractNetwork, LeakyReLUNeuron
+
+
+class PiecewiseNeuron(AbstractNetwork):
+    """The leaky-ReLU neuron on one smooth piece of its flow: every sample's side of its kink
+    fixed (`side`: +1 slope 1, −1 slope ρ, 0 sliding), the outputs those of `Pw`, P the
+    orthogonal projection off `span{x_n : side_n = 0}` (`basis`: an orthonormal basis of that
+    span, zero columns elsewhere; `coef`: C with `basis = X_Sᵀ C`). Only `w` and `a` are
+    trained. Its `outputs` hold only for the training data the pattern was built on."""
+
+    is_linear: ClassVar[bool] = False
+
+    w: Float[Array, " d"]
+    a: Float[Array, ""]
+    side: Float[Array, " N"]
+    basis: Float[Array, "d N"]
+    coef: Float[Array, "N N"]
+    slope: float = eqx.field(static=True)
+
+    @property
+    def dim(self) -> int:
+        return self.w.shape[0]
+
+    @property
+    def degree(self) -> int:
+        return 2
+
+    def trainable(self):
+        spec = jax.tree_util.tree_map(lambda _: False, self)
+        return eqx.tree_at(lambda m: (m.w, m.a), spec, (True, True))
+
+    def projected(self):
+        return self.w - self.basis @ (self.basis.T @ self.w)
+
+    def slopes(self):
+        return jnp.where(self.side > 0, 1.0, jnp.where(self.side < 0, self.slope, 0.0))
+
+    def outputs(self, X):
+        return self.a * self.slopes() * (X @ self.projected())
+
+    def predictor(self):
+        return self.a * self.projected()
+
+    def invariants(self):
+        return jnp.reshape(self.a**2 - jnp.sum(self.projected() ** 2), (1,))
+
+    def neuron(self) -> LeakyReLUNeuron:
+        return LeakyReLUNeuron(self.projected(), self.a, self.slope)
+
+
+def sliding_basis(X, sliding):
+    """`(U, C)`: an orthonormal basis `U = X_Sᵀ C` (d, N) of `span{x_n : sliding_n}` (zero
+    columns for the others, and for directions of the Gram matrix below `ε·N·λ_max`)."""
+    Xs = X * sliding[:, None]
+    lam, Q = jnp.linalg.eigh(Xs @ Xs.T)
+    keep = lam > jnp.finfo(lam.dtype).eps * X.shape[0] * lam[-1]
+    C = Q * jnp.where(keep, 1.0 / jnp.sqrt(jnp.where(keep, lam, 1.0)), 0.0)
+    return Xs.T @ C, C
+
+
+def piecewise_neuron(w, a, side, X, slope) -> PiecewiseNeuron:
+    U, C = sliding_basis(X, side == 0)
+    return PiecewiseNeuron(w, a, side, U, C, slope)
+
+
+def initial_sides(net: LeakyReLUNeuron, X):
+    """Each sample's side at θ(0): +1 where `wᵀx_n > 0`, else −1 (a sample exactly on its kink
+    starts on the slope-ρ side; if the flow moves it up, the first step's event says so)."""
+    return jnp.where(X @ net.w > 0, 1.0, -1.0)
+
+
+def equivalent_control(net: PiecewiseNeuron, X, y, loss):
+    """`λ_n` (N,) of the sliding samples (meaningless elsewhere): the σ'(0) ∈ [ρ, 1] of each
+    sliding sample for which `x_nᵀ∇_wL = 0` (the sliding condition, Filippov 1988 §4)."""
+    q = jax.grad(loss)(net.outputs(X), y)  # ∂L/∂f; the sliding samples' outputs are 0
+    g_rest = X.T @ (q * net.a * net.slopes())
+    v = -(net.coef @ (net.basis.T @ g_rest))  # X_Sᵀ v = −(I − P) g_rest: v_n = λ_n a q_n
+    c = net.a * q
+    return v / jnp.where(c == 0, 1.0, c)
+
+
+def event_values(net: PiecewiseNeuron, X, y, loss):
+    """`φ_n` (N,): positive while sample n keeps its side (`s_n z_n/‖x_n‖`) or keeps sliding
+    (`min(λ_n − ρ, 1 − λ_n)`)."""
+    z = (X @ net.projected()) / jnp.linalg.norm(X, axis=1)
+    lam = equivalent_control(net, X, y, loss)
+    return jnp.where(net.side == 0, jnp.minimum(lam - net.slope, 1.0 - lam), net.side * z)
+
+
+def event_tolerances(net: PiecewiseNeuron, X):
+    """`δ_n` (N,): how far below 0 a `φ_n` may lie from rounding alone (64 ε‖w‖ for a sample
+    on its kink, 1e-11 for an equivalent control). The pieces end where `min(φ_n + 2δ_n)`
+    reaches 0, and an event is taken for every `φ_n < −δ_n`."""
+    eps = jnp.finfo(X.dtype).eps
+    return jnp.where(net.side == 0, 1e-11, 64 * eps * jnp.linalg.norm(net.projected()))
+
+
+def _time(t):
+    return jnp.asarray(t, jnp.result_type(float))
+
+
+class _KeepStepStart(dfx.AbstractAdaptiveSolver):
+    """Wraps a diffrax solver so that its state also holds the start `(t, y)` of the last
+    accepted step (diffrax keeps a solver state only from accepted steps): where a piece's event
+    fired, the event is located by re-taking that step."""
+
+    solver: dfx.AbstractSolver
+
+    @property
+    def term_structure(self):
+        return self.solver.term_structure
+
+    @property
+    def interpolation_cls(self):  # pyright: ignore
+        return self.solver.interpolation_cls
+
+    def order(self, terms):
+        return self.solver.order(terms)
+
+    def error_order(self, terms):
+        return self.solver.error_order(terms)
+
+    def init(self, terms, t0, t1, y0, args):
+        return self.solver.init(terms, t0, t1, y0, args), _time(t0), y0
+
+    def step(self, terms, t0, t1, y0, args, solver_state, made_jump):
+        inner, _, _ = solver_state
+        y1, err, dense, inner, result = self.solver.step(terms, t0, t1, y0, args, inner, made_jump)
+        return y1, err, dense, (inner, _time(t0), y0), result
+
+    def func(self, terms, t0, y0, args):
+        return self.solver.func(terms, t0, y0, args)
+
+
+_ROOT_ITERATIONS = 100  # Illinois iterations at most per event (bisection would need ~60)
+
+
+class _Bracket(eqx.Module):
+    """The root finder's state while a piece's end is located: the end lies in `(t_a + lo,
+    t_a + hi]`, `φ(y(t_a + lo)) > 0 ≥ φ(y(t_a + hi))`; `f_lo`, `f_hi` the Illinois-scaled values,
+    `phi_hi` the true φ at hi, `y_hi` the state there, `kept` which end stayed last (−1 lo,
+    +1 hi), `it` the iterations taken."""
+
+    t_a: Array
+    y_a: object
+    lo: Array
+    hi: Array
+    f_lo: Array
+    f_hi: Array
+    phi_hi: Array
+    y_hi: object
+    kept: Array
+    it: Array
+
+    def trial(self):
+        """The next trial size: the secant point of the bracket, or its middle."""
+        m = self.hi - self.f_hi * (self.hi - self.lo) / (self.f_hi - self.f_lo)
+        return jnp.where((m > self.lo) & (m < self.hi), m, 0.5 * (self.lo + self.hi))
+
+    def update(self, m, f_m, y_m):
+        """Illinois (modified regula falsi, Dowell & Jarratt 1971): the bracket after φ(y(t_a +
+        m)) = f_m, halving the value at the end that is kept for the second time in a row."""
+        right = f_m <= 0  # the zero lies in (lo, m]
+        f_lo = jnp.where(right, jnp.where(self.kept == -1, 0.5 * self.f_lo, self.f_lo), f_m)
+        f_hi = jnp.where(right, f_m, jnp.where(self.kept == 1, 0.5 * self.f_hi, self.f_hi))
+        pick = lambda u, v: jax.tree_util.tree_map(lambda p, q: jnp.where(right, p, q), u, v)
+        return _Bracket(self.t_a, self.y_a, jnp.where(right, self.lo, m), jnp.where(right, m, self.hi), f_lo,
+                        f_hi, jnp.where(right, f_m, self.phi_hi), pick(y_m, self.y_hi),
+                        jnp.where(right, -1, 1).astype(self.kept.dtype), self.it + 1)
+
+    def located(self, scale):
+        """Whether φ at hi is within rounding of 0 (`64 ε·scale`), or the bracket is as narrow as
+        the time's rounding, or the iterations are spent."""
+        eps = jnp.finfo(self.hi.dtype).eps
+        return ((self.phi_hi >= -64 * eps * scale) | (self.hi - self.lo <= 4 * eps * (self.t_a + self.hi))
+                | (self.it >= _ROOT_ITERATIONS))
+
+
+class _NeuronWarp(eqx.Module):
+    """A time warp `g(net)` of the leaky-ReLU neuron, applied to a piece's `PiecewiseNeuron`."""
+
+    warp: object = eqx.field(static=True)
+
+    def __call__(self, net: PiecewiseNeuron):
+        return self.warp(net.neuron())
+
+
+def _piece_ends(t, params, problem, **kwargs):
+    """diffrax event: `min_n(φ_n + 2δ_n)`, which falls through 0 where a piece ends."""
+    net = problem.network(params)
+    return jnp.min(event_values(net, problem.X, problem.y, problem.loss) + 2 * event_tolerances(net, problem.X))
+
+
+def _take_event(w, a, side, X, y, loss, slope):
+    """The one pending event (`φ_n < −δ_n`) with the lowest `φ_n + 2δ_n`, taken at (w, a):
+    the sample's new side (crossing, touching, starting or ending a slide); w projected onto the
+    new pattern's subspace (and onto the kink of a sample that reached it: a move of a few δ_n)."""
+    net = piecewise_neuron(w, a, side, X, slope)
+    vals, tol = event_values(net, X, y, loss), event_tolerances(net, X)
+    n = jnp.argmin(jnp.where(vals < -tol, vals + 2 * tol, jnp.inf))
+    x = X[n]
+
+    def zdot(s):  # ż_n with sample n on side s (its gradient term with slope 1 or ρ)
+        net_s = eqx.tree_at(lambda m: m.side, net, side.at[n].set(s))
+        g = jax.grad(lambda v: loss(eqx.tree_at(lambda m: m.w, net_s, v).outputs(X), y))(w)
+        return -(x @ g)
+
+    into_plus, into_minus = zdot(1.0) > 0, zdot(-1.0) < 0
+    reached = jnp.where(into_plus & into_minus, -side[n],  # repelled by the kink: carry on
+                        jnp.where(into_plus, 1.0, jnp.where(into_minus, -1.0, 0.0)))
+    lam = equivalent_control(net, X, y, loss)[n]
+    new = jnp.where(side[n] == 0, jnp.where(lam > 1.0, 1.0, -1.0), reached)
+    w = jnp.where(side[n] == 0, w, w - x * (x @ net.projected()) / (x @ x))
+    side = side.at[n].set(new)
+    return piecewise_neuron(w, a, side, X, slope).projected(), side
+
+
+def flow_across_kinks(net: LeakyReLUNeuron, X, y, loss, solver, rtol, atol, t_max, dt0, max_steps: int, save_ts,
+                      warp, target, noise_gain):
+    """The gradient flow of a leaky-ReLU neuron as a Filippov solution (module docstring): smooth
+    pieces solved by `solver` under diffrax's `PIDController(rtol, atol)`, joined at located
+    events. Called by `gradient_flow` for every `LeakyReLUNeuron` (any loss, warp or save times);
+    jit- and vmap-safe (a vmapped batch runs its pieces in lock-step). Returns `(problem, params, t_end, result, stats, stopped, ts, trajectory)`: the last
+    piece's `GradientFlowProblem` (a `PiecewiseNeuron`'s) and its parameters, the final time, an
+    ibflow `RESULTS` item (`stalled` after `8N + 64` events), the step counts summed over the
+    pieces, whether the convergence event fired, and the trajectory at `save_ts` (or Nones).
+
+    `max_steps` bounds the steps of all pieces together (the last piece may overrun it by up to
+    `max_steps`), and reaching it is `max_steps`."""
+    from ._flow import GradientFlowProblem, _converged, _vector_field  # _flow calls this module
+    from ._results import RESULTS
+
+    slope = net.slope
+    max_events = 8 * X.shape[0] + 64
+    warp = None if warp is None else _NeuronWarp(warp)
+    terms = dfx.ODETerm(_vector_field)
+    wrapped = _KeepStepStart(solver)
+    event = dfx.Event([_converged, _piece_ends], direction=[None, False])
+    int_dtype = jnp.asarray(0).dtype
+
+    def problem_for(w, a, side):
+        pnet = piecewise_neuron(w, a, side, X, slope)
+        params, frozen = eqx.partition(pnet, pnet.trainable())
+        return GradientFlowProblem(frozen, X, y, loss, target, warp, noise_gain), params
+
+    def take_pending(w, a, side, events, locating):
+        def pending(c):
+            w, a, side, events = c
+            pnet = piecewise_neuron(w, a, side, X, slope)
+            due = jnp.any(event_values(pnet, X, y, loss) < -event_tolerances(pnet, X))
+            return ~locating & due & (events < max_events)
+
+        def take(c):
+            w, a, side, events = c
+            w, side = _take_event(w, a, side, X, y, loss, slope)
+            return w, a, side, events + 1
+
+        return jax.lax.while_loop(pending, take, (w, a, side, events))
+
+    if save_ts is None:
+        traj0 = None
+    else:
+        save_fn = lambda t, p, prob: (prob.loss_value(p), prob.network(p).predictor())
+        traj0 = (jnp.full(save_ts.shape, jnp.inf, X.dtype), jnp.full(save_ts.shape + (X.shape[1],), jnp.inf, X.dtype))
+
+    def phi(params, problem):
+        return _piece_ends(None, params, problem)
+
+    def body(c):
+        w, a, side, t, steps, accepted, rejected, events, _, _, _, traj, locating, br = c
+        w, a, side, events = take_pending(w, a, side, events, locating)
+        problem, params = problem_for(w, a, side)
+        # One diffeqsolve serves both: a piece from (t, θ) on to t_max, or, while a piece's end is
+        # located, one trial step from the start (t_a, θ_a) of the step in which φ fell through
+        # 0, to t_a + m (one compiled solver step where a separate root finder needs two).
+        m = br.trial()
+        t0 = jnp.where(locating, br.t_a, t)
+        y0 = jax.tree_util.tree_map(lambda u, v: jnp.where(locating, u, v), br.y_a, params)
+        t1 = jnp.where(locating, br.t_a + m, t_max)
+        dt0_ = None if dt0 is None else jnp.where(locating, m, dt0)
+        if save_ts is None:
+            saveat = dfx.SaveAt(t1=True, solver_state=True)
+            ts_piece = None
+        else:
+            ts_piece = jnp.clip(save_ts, t0, t1)
+            saveat = dfx.SaveAt(subs=[dfx.SubSaveAt(t1=True), dfx.SubSaveAt(ts=ts_piece, fn=save_fn)],
+                                solver_state=True)
+        sol = dfx.diffeqsolve(terms, wrapped, t0=t0, t1=t1, dt0=dt0_, y0=y0, args=problem,
+                              stepsize_controller=dfx.PIDController(rtol=rtol, atol=atol, step_ts=ts_piece),
+                              event=event, saveat=saveat, max_steps=max_steps, throw=False)
+        ys = sol.ys if save_ts is None else sol.ys[0]
+        t_stop = sol.ts[-1] if save_ts is None else sol.ts[0][-1]
+        end = jax.tree_util.tree_map(lambda v: v[-1], ys)
+        stat = lambda k: sol.stats[k].astype(int_dtype)
+        steps = steps + stat("num_steps")
+        accepted, rejected = accepted + stat("num_accepted_steps"), rejected + stat("num_rejected_steps")
+        event_fired = sol.result == dfx.RESULTS.event_occurred
+        stopped = ~locating & event_fired & sol.event_mask[0]
+        piece_ended = ~locating & event_fired & ~sol.event_mask[0] & sol.event_mask[1]
+
+        # A piece that ended opens a bracket; a trial step narrows it.
+        _, t_a, y_a = sol.solver_state
+        f_end = phi(end, problem)
+        opened = _Bracket(t_a, y_a, jnp.zeros_like(t), t_stop - t_a, phi(y_a, problem), f_end, f_end, end,
+                          jnp.asarray(0), jnp.asarray(0))
+        narrowed = br.update(t_stop - br.t_a, f_end, end)
+        br = jax.tree_util.tree_map(lambda u, v: jnp.where(locating, u, v), narrowed, opened)
+        scale = jnp.maximum(jnp.abs(br.f_lo), jnp.abs(br.phi_hi))
+        bracketing = locating | piece_ended
+        found = bracketing & br.located(scale)
+        # Where the end is found, the flow goes on from it (taking its event first).
+        t_new = jnp.where(found, br.t_a + br.hi, jnp.where(bracketing, t, t_stop))
+        params_new = jax.tree_util.tree_map(lambda u, v, p: jnp.where(found, u, jnp.where(bracketing, p, v)),
+                                            br.y_hi, end, params)
+        if traj is not None:
+            # Steps land on the save times, so none lies inside the step that crossed: the piece's
+            # saves hold up to that step's start.
+            valid = ~locating & (save_ts >= t) & (save_ts <= jnp.where(piece_ended, t_a, t_stop))
+            traj = jax.tree_util.tree_map(
+                lambda old, new: jnp.where(valid.reshape(valid.shape + (1,) * (new.ndim - 1)), new, old), traj,
+                sol.ys[1])
+        result = RESULTS.where(bracketing, RESULTS.successful, RESULTS.promote(sol.result))
+        result = RESULTS.where(stopped, RESULTS.event_occurred, result)
+        result = RESULTS.where(bracketing & (steps >= max_steps), RESULTS.max_steps_reached, result)
+        result = RESULTS.where(bracketing & (events >= max_events), RESULTS.stalled, result)
+        done = ~bracketing | (steps >= max_steps) | (events >= max_events)
+        return (params_new.w, params_new.a, side, t_new, steps, accepted, rejected, events, done, stopped, result,
+                traj, bracketing & ~found, br)
+
+    zero = jnp.zeros((), int_dtype)
+    side0 = initial_sides(net, X)
+    _, params0 = problem_for(net.w, net.a, side0)
+    t_0, one = jnp.zeros((), X.dtype), jnp.ones((), X.dtype)
+    bracket0 = _Bracket(t_0, params0, t_0, one, one, -one, -one, params0, zero, zero)
+    carry = (net.w, net.a, side0, t_0, zero, zero, zero, zero, jnp.asarray(False), jnp.asarray(False),
+             RESULTS.successful, traj0, jnp.asarray(False), bracket0)
+    carry = jax.lax.while_loop(lambda c: ~c[8], body, carry)
+    w, a, side, t_end, steps, accepted, rejected, events, _, stopped, result, traj, _, _ = carry
+    problem, params = problem_for(w, a, side)
+    stats = dict(num_steps=steps, num_accepted_steps=accepted, num_rejected_steps=rejected, num_events=events)
+    ts = None if save_ts is None else jnp.where(jnp.isfinite(traj[0]), save_ts, jnp.inf)
+    return problem, params, t_end, result, stats, stopped, ts, traj
