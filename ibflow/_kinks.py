@@ -189,7 +189,9 @@ class _Bracket(eqx.Module):
     """The root finder's state while a piece's end is located: the end lies in `(t_a + lo,
     t_a + hi]`, `φ(y(t_a + lo)) > 0 ≥ φ(y(t_a + hi))`; `f_lo`, `f_hi` the Illinois-scaled values,
     `phi_hi` the true φ at hi, `y_hi` the state there, `kept` which end stayed last (−1 lo,
-    +1 hi), `it` the iterations taken."""
+    +1 hi), `it` the iterations taken, `tol` how close below 0 φ at hi must be (the smallest
+    event tolerance δ_n: the sample that ends the piece is then past its threshold by at most
+    δ_n, `event_tolerances`)."""
 
     t_a: Array
     y_a: object
@@ -201,6 +203,7 @@ class _Bracket(eqx.Module):
     y_hi: object
     kept: Array
     it: Array
+    tol: Array
 
     def trial(self):
         """The next trial size: the secant point of the bracket, or its middle."""
@@ -216,13 +219,13 @@ class _Bracket(eqx.Module):
         pick = lambda u, v: jax.tree_util.tree_map(lambda p, q: jnp.where(right, p, q), u, v)
         return _Bracket(self.t_a, self.y_a, jnp.where(right, self.lo, m), jnp.where(right, m, self.hi), f_lo,
                         f_hi, jnp.where(right, f_m, self.phi_hi), pick(y_m, self.y_hi),
-                        jnp.where(right, -1, 1).astype(self.kept.dtype), self.it + 1)
+                        jnp.where(right, -1, 1).astype(self.kept.dtype), self.it + 1, self.tol)
 
-    def located(self, scale):
-        """Whether φ at hi is within rounding of 0 (`64 ε·scale`), or the bracket is as narrow as
-        the time's rounding, or the iterations are spent."""
+    def located(self):
+        """Whether φ at hi lies within `tol` below 0, or the bracket is as narrow as the time's
+        rounding, or the iterations are spent."""
         eps = jnp.finfo(self.hi.dtype).eps
-        return ((self.phi_hi >= -64 * eps * scale) | (self.hi - self.lo <= 4 * eps * (self.t_a + self.hi))
+        return ((self.phi_hi >= -self.tol) | (self.hi - self.lo <= 4 * eps * (self.t_a + self.hi))
                 | (self.it >= _ROOT_ITERATIONS))
 
 
@@ -317,17 +320,19 @@ def flow_across_kinks(net: LeakyReLUNeuron, X, y, loss, solver, rtol, atol, t_ma
         return _piece_ends(None, params, problem)
 
     def body(c):
-        w, a, side, t, steps, accepted, rejected, events, _, _, _, traj, locating, br = c
+        w, a, side, t, steps, accepted, rejected, events, _, _, _, traj, locating, br, h_next = c
         w, a, side, events = take_pending(w, a, side, events, locating)
         problem, params = problem_for(w, a, side)
-        # One diffeqsolve serves both: a piece from (t, θ) on to t_max, or, while a piece's end is
-        # located, one trial step from the start (t_a, θ_a) of the step in which φ fell through
-        # 0, to t_a + m (one compiled solver step where a separate root finder needs two).
+        # One diffeqsolve serves both: a piece from (t, θ) on to t_max, starting with the step size
+        # the last piece ended with, or, while a piece's end is located, one trial step from the
+        # start (t_a, θ_a) of the step in which φ fell through 0, to t_a + m (shorter than that
+        # accepted step, so accepted too; one compiled solver step where a separate root finder
+        # needs two).
         m = br.trial()
         t0 = jnp.where(locating, br.t_a, t)
         y0 = jax.tree_util.tree_map(lambda u, v: jnp.where(locating, u, v), br.y_a, params)
         t1 = jnp.where(locating, br.t_a + m, t_max)
-        dt0_ = None if dt0 is None else jnp.where(locating, m, dt0)
+        dt0_ = jnp.where(locating, m, h_next)
         if save_ts is None:
             saveat = dfx.SaveAt(t1=True, solver_state=True)
             ts_piece = None
@@ -352,12 +357,11 @@ def flow_across_kinks(net: LeakyReLUNeuron, X, y, loss, solver, rtol, atol, t_ma
         _, t_a, y_a = sol.solver_state
         f_end = phi(end, problem)
         opened = _Bracket(t_a, y_a, jnp.zeros_like(t), t_stop - t_a, phi(y_a, problem), f_end, f_end, end,
-                          jnp.asarray(0), jnp.asarray(0))
+                          jnp.asarray(0), jnp.asarray(0), jnp.min(event_tolerances(problem.network(params), X)))
         narrowed = br.update(t_stop - br.t_a, f_end, end)
         br = jax.tree_util.tree_map(lambda u, v: jnp.where(locating, u, v), narrowed, opened)
-        scale = jnp.maximum(jnp.abs(br.f_lo), jnp.abs(br.phi_hi))
         bracketing = locating | piece_ended
-        found = bracketing & br.located(scale)
+        found = bracketing & br.located()
         # Where the end is found, the flow goes on from it (taking its event first).
         t_new = jnp.where(found, br.t_a + br.hi, jnp.where(bracketing, t, t_stop))
         params_new = jax.tree_util.tree_map(lambda u, v, p: jnp.where(found, u, jnp.where(bracketing, p, v)),
@@ -374,18 +378,24 @@ def flow_across_kinks(net: LeakyReLUNeuron, X, y, loss, solver, rtol, atol, t_ma
         result = RESULTS.where(bracketing & (steps >= max_steps), RESULTS.max_steps_reached, result)
         result = RESULTS.where(bracketing & (events >= max_events), RESULTS.stalled, result)
         done = ~bracketing | (steps >= max_steps) | (events >= max_events)
+        h_next = jnp.where(piece_ended, t_stop - t_a, h_next)
         return (params_new.w, params_new.a, side, t_new, steps, accepted, rejected, events, done, stopped, result,
-                traj, bracketing & ~found, br)
+                traj, bracketing & ~found, br, h_next)
 
     zero = jnp.zeros((), int_dtype)
     side0 = initial_sides(net, X)
     _, params0 = problem_for(net.w, net.a, side0)
     t_0, one = jnp.zeros((), X.dtype), jnp.ones((), X.dtype)
-    bracket0 = _Bracket(t_0, params0, t_0, one, one, -one, -one, params0, zero, zero)
+    bracket0 = _Bracket(t_0, params0, t_0, one, one, -one, -one, params0, zero, zero, one)
+    if dt0 is None:  # diffrax's initial step-size heuristic (Hairer, Nørsett & Wanner I §II.4)
+        problem0, _ = problem_for(net.w, net.a, side0)
+        controller = dfx.PIDController(rtol=rtol, atol=atol)
+        t_next, _ = controller.init(terms, t_0, t_max, params0, None, problem0, solver.func, solver.error_order(terms))
+        dt0 = t_next - t_0
     carry = (net.w, net.a, side0, t_0, zero, zero, zero, zero, jnp.asarray(False), jnp.asarray(False),
-             RESULTS.successful, traj0, jnp.asarray(False), bracket0)
+             RESULTS.successful, traj0, jnp.asarray(False), bracket0, jnp.asarray(dt0, X.dtype))
     carry = jax.lax.while_loop(lambda c: ~c[8], body, carry)
-    w, a, side, t_end, steps, accepted, rejected, events, _, stopped, result, traj, _, _ = carry
+    w, a, side, t_end, steps, accepted, rejected, events, _, stopped, result, traj, _, _, _ = carry
     problem, params = problem_for(w, a, side)
     stats = dict(num_steps=steps, num_accepted_steps=accepted, num_rejected_steps=rejected, num_events=events)
     ts = None if save_ts is None else jnp.where(jnp.isfinite(traj[0]), save_ts, jnp.inf)
