@@ -138,11 +138,12 @@ def event_values(net: PiecewiseNeuron, X, y, loss):
 
 
 def event_tolerances(net: PiecewiseNeuron, X):
-    """`δ_n` (N,): how far below 0 a `φ_n` may lie from rounding alone (64 ε‖w‖ for a sample
-    on its kink, 1e-11 for an equivalent control). The pieces end where `min(φ_n + 2δ_n)`
-    reaches 0, and an event is taken for every `φ_n < −δ_n`."""
+    """`δ_n` (N,): how far below 0 a `φ_n` may lie from rounding alone (`64 ε √d ‖w‖` for a
+    sample on its kink, as a d-term dot product errs by up to ~√d ε‖x‖‖w‖; 1e-11 for an
+    equivalent control). The pieces end where `min(φ_n + 2δ_n)` reaches 0,
+    and an event is taken for every `φ_n < −δ_n`."""
     eps = jnp.finfo(X.dtype).eps
-    return jnp.where(net.side == 0, 1e-11, 64 * eps * jnp.linalg.norm(net.projected()))
+    return jnp.where(net.side == 0, 1e-11, 64 * eps * jnp.sqrt(X.shape[1]) * jnp.linalg.norm(net.projected()))
 
 
 def _time(t):
@@ -263,9 +264,17 @@ def _take_event(w, a, side, X, y, loss, slope):
                         jnp.where(into_plus, 1.0, jnp.where(into_minus, -1.0, 0.0)))
     lam = equivalent_control(net, X, y, loss)[n]
     new = jnp.where(side[n] == 0, jnp.where(lam > 1.0, 1.0, -1.0), reached)
-    w = jnp.where(side[n] == 0, w, w - x * (x @ net.projected()) / (x @ x))
     side = side.at[n].set(new)
-    return piecewise_neuron(w, a, side, X, slope).projected(), side
+    after = piecewise_neuron(w, a, side, X, slope)
+    w = after.projected()
+    # A sample that reached its kink and keeps a side is put on it within the new pattern's
+    # subspace (along P x_n), so that the projection of the outputs does not move it off again
+    # (a separate projection onto the kink, then onto the subspace, left z_n at -2δ_n where the
+    # integration's rounding had put w slightly off the subspace: the same event again, without end).
+    px = x - after.basis @ (after.basis.T @ x)
+    on_kink = (new != 0) & (side[n] != 0) & (x @ px > jnp.finfo(x.dtype).eps * (x @ x))
+    w = jnp.where(on_kink, w - px * (x @ w) / jnp.where(on_kink, x @ px, 1.0), w)
+    return w, side
 
 
 def flow_across_kinks(net: LeakyReLUNeuron, X, y, loss, solver, rtol, atol, t_max, dt0, max_steps: int, save_ts,
