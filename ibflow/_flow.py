@@ -9,6 +9,8 @@ latest where rounding noise alone moves the loss (`stop_level`), an end-game jum
 limit of the linearised flow (`kernel_jump`, a Gauss–Newton step whose error is second order
 in the residual), and a target below the rounding floor of the limit (`evaluation_floor`) is
 replaced by that floor: `ReducedFlowProblem` in reduced mode, `GradientFlowProblem` in pure mode.
+The leaky-ReLU neuron, whose vector field jumps on its kinks, is integrated piece by piece as a
+Filippov solution (`_kinks.flow_across_kinks`), with the same solver, events and end-game.
 """
 
 from typing import ClassVar
@@ -481,6 +483,10 @@ def gradient_flow(
       where it applies, else `"pure"`. The two agree to the tolerances (tested).
     - `throw`: raise on any outcome but convergence (default). With `throw=False`
       the outcome is in `solution.result` / `solution.status`.
+
+    A `LeakyReLUNeuron` is solved across its kinks (`wᵀx_n = 0`) as a Filippov solution: it
+    crosses them, or slides along them where the exact flow does (`_kinks`); `num_steps` then
+    counts the steps of every piece and of locating each piece's end.
 
     **Returns:** a `FlowSolution`.
 

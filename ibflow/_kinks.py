@@ -282,7 +282,9 @@ def flow_across_kinks(net: LeakyReLUNeuron, X, y, loss, solver, rtol, atol, t_ma
     """The gradient flow of a leaky-ReLU neuron as a Filippov solution (module docstring): smooth
     pieces solved by `solver` under diffrax's `PIDController(rtol, atol)`, joined at located
     events. Called by `gradient_flow` for every `LeakyReLUNeuron` (any loss, warp or save times);
-    jit- and vmap-safe (a vmapped batch runs its pieces in lock-step). Returns `(problem, params, t_end, result, stats, stopped, ts, trajectory)`: the last
+    jit- and vmap-safe (a vmapped batch runs its pieces in lock-step).
+
+    Returns `(problem, params, t_end, result, stats, stopped, ts, trajectory)`: the last
     piece's `GradientFlowProblem` (a `PiecewiseNeuron`'s) and its parameters, the final time, an
     ibflow `RESULTS` item (`stalled` after `8N + 64` events), the step counts summed over the
     pieces, whether the convergence event fired, and the trajectory at `save_ts` (or Nones).
