@@ -264,6 +264,20 @@ def test_kink_sliding_follows_the_filippov_solution(seed):
     assert float(sol.loss) <= float(sol.loss_target)
 
 
+def test_kink_flow_under_vmap():
+    """`jit(vmap)` over leaky-ReLU initialisations (pieces and event location in lock-step):
+    every member follows its own SciPy Filippov solution."""
+    X, y, w0, a0, rho = _kink_case(2)
+    W = np.stack([w0, np.random.default_rng(7).standard_normal(12) * 0.5, -w0])
+    A = np.array([a0, 0.7, -1.2])
+    solve = jax.jit(jax.vmap(lambda w, a: ib.gradient_flow(ib.LeakyReLUNeuron(w, a, rho), X, y, throw=False)))
+    sol = solve(jnp.asarray(W), jnp.asarray(A))
+    assert list(ib.status_words(sol.result)) == ["converged"] * 3
+    for i in range(3):
+        w_ref, a_ref, _ = filippov_leaky_neuron(X, y, W[i], A[i], rho)
+        assert rel(sol.predictor[i], a_ref * w_ref) < 1e-9, i
+
+
 def test_kink_flow_trajectory_and_horizon():
     """The trajectory at `save_ts` (times before, between and after the slides) and the state at
     a horizon `t_max` inside a slide both follow the SciPy Filippov solution."""
