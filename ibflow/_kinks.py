@@ -387,7 +387,9 @@ def flow_across_kinks(net: LeakyReLUNeuron, X, y, loss, solver, rtol, atol, t_ma
         result = RESULTS.where(bracketing, RESULTS.successful, RESULTS.promote(sol.result))
         result = RESULTS.where(stopped, RESULTS.event_occurred, result)
         result = RESULTS.where(bracketing & (steps >= max_steps), RESULTS.max_steps_reached, result)
-        result = RESULTS.where(bracketing & (events >= max_events), RESULTS.stalled, result)
+        # Past the event budget, pending events are no longer taken and the pattern may be wrong:
+        # whatever the piece did, the flow is not followed any more.
+        result = RESULTS.where(events >= max_events, RESULTS.stalled, result)
         done = ~bracketing | (steps >= max_steps) | (events >= max_events)
         h_next = jnp.where(piece_ended, t_stop - t_a, h_next)
         return (params_new.w, params_new.a, side, t_new, steps, accepted, rejected, events, done, stopped, result,
