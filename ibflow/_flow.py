@@ -535,6 +535,21 @@ def default_solver_tolerances(net: AbstractNetwork, dtype=None) -> tuple[float, 
     return 1e-10, 1e-12
 
 
+def save_at(save_ts, solver_state: bool = False) -> dfx.SaveAt:
+    """The `SaveAt` of a flow's `diffeqsolve`: the final state, and where `save_ts` is given,
+    `(loss, predictor)` at those times as a second `SubSaveAt` (read back by `solve_end`)."""
+    if save_ts is None:
+        return dfx.SaveAt(t1=True, solver_state=solver_state)
+    fn = lambda t, p, prob: (prob.loss_value(p), prob.network(p).predictor())
+    return dfx.SaveAt(subs=[dfx.SubSaveAt(t1=True), dfx.SubSaveAt(ts=save_ts, fn=fn)], solver_state=solver_state)
+
+
+def solve_end(sol, save_ts):
+    """`(state, t)` where a solve saved with `save_at(save_ts)` ended."""
+    ys, ts = (sol.ys, sol.ts) if save_ts is None else (sol.ys[0], sol.ts[0])
+    return jax.tree_util.tree_map(lambda a: a[-1], ys), ts[-1]
+
+
 def _integrate(net, X, y, loss, solver, rtol, atol, t_max, dt0, max_steps, save_ts, warp, reduced, target, noise_gain):
     """One diffrax solve of a smooth flow (the parameter ODE, or the reduced one), until the
     stopping event; returns `(problem, state, t_end, result, stats, stopped, ts, trajectory)` as
@@ -547,12 +562,6 @@ def _integrate(net, X, y, loss, solver, rtol, atol, t_max, dt0, max_steps, save_
         problem = GradientFlowProblem(frozen, X, y, loss, target, warp, noise_gain)
         state0, vector_field = params, _vector_field
 
-    if save_ts is None:
-        saveat = dfx.SaveAt(t1=True)
-    else:
-        save_fn = lambda t, p, prob: (prob.loss_value(p), prob.network(p).predictor())
-        saveat = dfx.SaveAt(subs=[dfx.SubSaveAt(t1=True), dfx.SubSaveAt(ts=save_ts, fn=save_fn)])
-
     sol = dfx.diffeqsolve(
         dfx.ODETerm(vector_field),
         solver,
@@ -564,16 +573,12 @@ def _integrate(net, X, y, loss, solver, rtol, atol, t_max, dt0, max_steps, save_
         # Steps land on the save times, so the trajectory is step-exact (no interpolation).
         stepsize_controller=dfx.PIDController(rtol=rtol, atol=atol, step_ts=save_ts),
         event=dfx.Event(_converged),
-        saveat=saveat,
+        saveat=save_at(save_ts),
         max_steps=max_steps,
         throw=False,
     )
-    if save_ts is None:
-        final_state, ts, traj = sol.ys, None, None
-    else:
-        final_state, ts, traj = sol.ys[0], sol.ts[1], sol.ys[1]
-    final_state = jax.tree_util.tree_map(lambda a: a[-1], final_state)
-    t_end = sol.ts[-1] if save_ts is None else sol.ts[0][-1]
+    final_state, t_end = solve_end(sol, save_ts)
+    ts, traj = (None, None) if save_ts is None else (sol.ts[1], sol.ys[1])
     stopped = sol.result == dfx.RESULTS.event_occurred
     return problem, final_state, t_end, RESULTS.promote(sol.result), sol.stats, stopped, ts, traj
 

@@ -291,7 +291,8 @@ def flow_across_kinks(net: LeakyReLUNeuron, X, y, loss, solver, rtol, atol, t_ma
 
     `max_steps` bounds the steps of all pieces together (the last piece may overrun it by up to
     `max_steps`), and reaching it is `max_steps`."""
-    from ._flow import GradientFlowProblem, _converged, _vector_field  # _flow calls this module
+    # Imported here: _flow calls this module.
+    from ._flow import GradientFlowProblem, _converged, _vector_field, save_at, solve_end
     from ._results import RESULTS
 
     slope = net.slope
@@ -324,7 +325,6 @@ def flow_across_kinks(net: LeakyReLUNeuron, X, y, loss, solver, rtol, atol, t_ma
     if save_ts is None:
         traj0 = None
     else:
-        save_fn = lambda t, p, prob: (prob.loss_value(p), prob.network(p).predictor())
         traj0 = (jnp.full(save_ts.shape, jnp.inf, X.dtype), jnp.full(save_ts.shape + (X.shape[1],), jnp.inf, X.dtype))
 
     def phi(params, problem):
@@ -344,19 +344,12 @@ def flow_across_kinks(net: LeakyReLUNeuron, X, y, loss, solver, rtol, atol, t_ma
         y0 = jax.tree_util.tree_map(lambda u, v: jnp.where(locating, u, v), br.y_a, params)
         t1 = jnp.where(locating, br.t_a + m, t_max)
         dt0_ = jnp.where(locating, m, h_next)
-        if save_ts is None:
-            saveat = dfx.SaveAt(t1=True, solver_state=True)
-            ts_piece = None
-        else:
-            ts_piece = jnp.clip(save_ts, t0, t1)
-            saveat = dfx.SaveAt(subs=[dfx.SubSaveAt(t1=True), dfx.SubSaveAt(ts=ts_piece, fn=save_fn)],
-                                solver_state=True)
+        ts_piece = None if save_ts is None else jnp.clip(save_ts, t0, t1)
         sol = dfx.diffeqsolve(terms, wrapped, t0=t0, t1=t1, dt0=dt0_, y0=y0, args=problem,
                               stepsize_controller=dfx.PIDController(rtol=rtol, atol=atol, step_ts=ts_piece),
-                              event=event, saveat=saveat, max_steps=max_steps, throw=False)
-        ys = sol.ys if save_ts is None else sol.ys[0]
-        t_stop = sol.ts[-1] if save_ts is None else sol.ts[0][-1]
-        end = jax.tree_util.tree_map(lambda v: v[-1], ys)
+                              event=event, saveat=save_at(ts_piece, solver_state=True), max_steps=max_steps,
+                              throw=False)
+        end, t_stop = solve_end(sol, save_ts)
         stat = lambda k: sol.stats[k].astype(int_dtype)
         steps = steps + stat("num_steps")
         accepted, rejected = accepted + stat("num_accepted_steps"), rejected + stat("num_rejected_steps")
