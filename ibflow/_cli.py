@@ -228,6 +228,9 @@ def cmd_run(args) -> int:
         if not cert.applicable:
             sys.stderr.write(f"ibflow: certificate not applicable: {cert.reason}\n")
     _write_json(args.out, out)
+    if sol.status == "dead_samples":
+        return _fail(f"gradient flow converged to a point that does not fit every sample: the ReLU holds some at "
+                     f"output 0 (status: dead_samples); see {args.out}", code=1)
     if sol.status != "converged":
         return _fail(f"gradient flow did not converge (status: {sol.status}); see {args.out}", code=1)
     return 0

@@ -23,7 +23,7 @@ from jax.flatten_util import ravel_pytree
 from jaxtyping import Array, Float
 
 from ._checks import checks_enabled, value_check
-from ._kinks import PiecewiseNeuron, flow_across_kinks
+from ._kinks import PiecewiseNeuron, finish, flow_across_kinks
 from ._losses import AbstractLoss, SquareLoss
 from ._networks import AbstractNetwork, LeakyReLUNeuron
 from ._results import RESULTS, status_word
@@ -371,7 +371,8 @@ class FlowSolution(eqx.Module):
     - `loss`, `loss0`, `loss_target`: final, initial and target loss (the level `loss` had
       to reach for `converged`: `max(loss_rtol·L(θ(0)), loss.floor(y))`, for the square loss
       at least the rounding floor at the limit, `ReducedFlowProblem.evaluation_floor` or
-      `GradientFlowProblem.evaluation_floor`).
+      `GradientFlowProblem.evaluation_floor`; for `dead_samples`, the level the other samples'
+      loss reached, `loss` including the held samples' constant part).
     - `t_end`: final flow time.
     - `num_steps`, `num_accepted_steps`, `num_rejected_steps`, `num_fevals`.
     - `invariant_drift`: max |I(θ(t_end)) − I(θ(0))| / max(1, max |I(θ(0))|) over
@@ -486,7 +487,9 @@ def gradient_flow(
 
     A `LeakyReLUNeuron` is solved across its kinks (`wᵀx_n = 0`) as a Filippov solution: it
     crosses them, or slides along them where the exact flow does (`_kinks`); `num_steps` then
-    counts the steps of every piece and of locating each piece's end.
+    counts the steps of every piece and of locating each piece's end. With slope ρ = 0 and the
+    square loss, a flow that converges while holding samples with nonzero labels at output 0
+    (dead, or on their kink) ends with `RESULTS.dead_samples` (`_kinks.held_samples`).
 
     **Returns:** a `FlowSolution`.
 
@@ -633,14 +636,16 @@ def _gradient_flow(net, X, y, loss, solver, rtol, atol, loss_rtol, t_max, dt0, m
     else:
         final = problem.network(final_state)
         end_jump = jnp.zeros((), X.dtype)
-    if isinstance(final, PiecewiseNeuron):
-        final = final.neuron()
-    final_params = eqx.filter(final, net.trainable())
     loss_end = problem.loss_value(final_state)
     result = RESULTS.where(result == RESULTS.event_occurred, RESULTS.successful, result)
     # Reaching t_max without the stopping event is not convergence, nor (square loss) an
     # end-game jump that left the loss above the target.
     result = RESULTS.where((result == RESULTS.successful) & (loss_end > target), RESULTS.not_converged, result)
+    if isinstance(final, PiecewiseNeuron):
+        # A plain ReLU's last piece may have left samples dead, its loss theirs excepted.
+        result, loss_end = finish(final, X, y, loss, result, loss_end)
+        final = final.neuron()
+    final_params = eqx.filter(final, net.trainable())
     rejected = stats["num_rejected_steps"]
     result = RESULTS.where(
         (result == RESULTS.max_steps_reached) & (2 * rejected > stats["num_steps"]), RESULTS.stalled, result

@@ -35,6 +35,13 @@ Method (event-driven; each piece smooth):
   to the slope-1 (slope-ρ) side. Several events at one time are
   taken one after the other (a zero-length piece).
 
+Plain ReLU (ρ = 0), square loss: a sample on the flat side (output 0, no gradient) stays unfit
+while it is there, and one sliding on its kink is held at output 0 too (its equivalent control
+tends to ρ = 0 as the other samples fit), so the flow may converge to a point that does not fit
+them. A piece then solves with those samples' labels set to 0 (`piece_labels`; the same vector
+field), so that its stopping rule sees the loss the flow can still reduce, and the flow ends
+`RESULTS.dead_samples` at that limit (`finish`).
+
 Conserved: `a² − ‖w‖²` (the neuron's balancedness, Du et al. 2018) holds along every piece,
 sliding ones included (`wᵀP∇_wL = a ∂L/∂a` by homogeneity), and is reported as
 `FlowSolution.invariant_drift`. Time is the flow's own, as in `gradient_flow`.
@@ -48,7 +55,9 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
+from ._losses import SquareLoss
 from ._networks import AbstractNetwork, LeakyReLUNeuron
+from ._results import RESULTS
 
 
 class PiecewiseNeuron(AbstractNetwork):
@@ -146,6 +155,47 @@ def event_tolerances(net: PiecewiseNeuron, X):
     return jnp.where(net.side == 0, 1e-11, 64 * eps * jnp.sqrt(X.shape[1]) * jnp.linalg.norm(net.projected()))
 
 
+def held_samples(side, y, slope: float, loss):
+    """`(N,)` bool: the samples whose output a plain ReLU (ρ = 0) holds at 0 on a piece, dead
+    (`side` −1: no gradient reaches them) or sliding on their kink (`side` 0), with a nonzero
+    label, under the square loss; all False otherwise. Their residual `−y_n` stays for as long
+    as they are there; at a limit where the others fit, a sliding one's equivalent control λ_n
+    tends to ρ = 0 (`x_nᵀ∇L = 0` with the other samples' gradient vanishing), so it ends
+    there too."""
+    if slope != 0 or not isinstance(loss, SquareLoss):
+        return jnp.zeros(side.shape, bool)
+    return (side <= 0) & (y != 0)
+
+
+def piece_labels(side, y, slope: float, loss):
+    """The labels a piece's problem is solved with: `y`, with a held sample's label set to its
+    output, 0 (`held_samples`). The vector field is the same (a dead sample's slope is 0, a
+    sliding one's term is projected out), but the piece's loss is then the part the flow can
+    still reduce, so that its stopping rule, rounding floors and end-game apply to the other
+    samples (with the held ones' constant loss counted, a ReLU flow that leaves samples dead
+    never reaches its target: it ran into `max_steps`). Events use the true labels."""
+    return jnp.where(held_samples(side, y, slope, loss), 0.0, y)
+
+
+def held_loss(side, y, slope: float, loss):
+    """The loss the held samples add to a piece's own (`piece_labels`): `Σ_held y_n² / (2N)`."""
+    return 0.5 * jnp.mean(jnp.where(held_samples(side, y, slope, loss), y, 0.0) ** 2)
+
+
+def finish(piece: PiecewiseNeuron, X, y, loss, result, piece_loss):
+    """The outcome of a converged kink flow: `(result, loss)`. A plain ReLU flow whose last piece
+    holds samples at output 0 (`held_samples`) converged on the others only:
+    `RESULTS.dead_samples` (or `not_converged` if the end-game moved a dead sample past its
+    kink, where the flow would have revived it); `loss` adds their constant part to the piece's."""
+    held = held_samples(piece.side, y, piece.slope, loss)
+    z = (X @ piece.projected()) / jnp.linalg.norm(X, axis=1)
+    revived = jnp.any(held & (piece.side < 0) & (z > event_tolerances(piece, X)))
+    converged = result == RESULTS.successful
+    result = RESULTS.where(converged & jnp.any(held), RESULTS.dead_samples, result)
+    result = RESULTS.where(converged & revived, RESULTS.not_converged, result)
+    return result, piece_loss + held_loss(piece.side, y, piece.slope, loss)
+
+
 def _time(t):
     return jnp.asarray(t, jnp.result_type(float))
 
@@ -239,12 +289,6 @@ class _NeuronWarp(eqx.Module):
         return self.warp(net.neuron())
 
 
-def _piece_ends(t, params, problem, **kwargs):
-    """diffrax event: `min_n(φ_n + 2δ_n)`, which falls through 0 where a piece ends."""
-    net = problem.network(params)
-    return jnp.min(event_values(net, problem.X, problem.y, problem.loss) + 2 * event_tolerances(net, problem.X))
-
-
 def _take_event(w, a, side, X, y, loss, slope):
     """The one pending event (`φ_n < −δ_n`) with the lowest `φ_n + 2δ_n`, taken at (w, a):
     the sample's new side (crossing, touching, starting or ending a slide); w projected onto the
@@ -293,20 +337,27 @@ def flow_across_kinks(net: LeakyReLUNeuron, X, y, loss, solver, rtol, atol, t_ma
     `max_steps`), and reaching it is `max_steps`."""
     # Imported here: _flow calls this module.
     from ._flow import GradientFlowProblem, _converged, _vector_field, save_at, solve_end
-    from ._results import RESULTS
 
     slope = net.slope
     max_events = 8 * X.shape[0] + 64
     warp = None if warp is None else _NeuronWarp(warp)
     terms = dfx.ODETerm(_vector_field)
     wrapped = _KeepStepStart(solver)
-    event = dfx.Event([_converged, _piece_ends], direction=[None, False])
+
+    def piece_ends(t, params, problem, **kwargs):
+        """diffrax event: `min_n(φ_n + 2δ_n)`, which falls through 0 where a piece ends (with the
+        true labels: a piece's own may differ, `piece_labels`)."""
+        net = problem.network(params)
+        return jnp.min(event_values(net, X, y, loss) + 2 * event_tolerances(net, X))
+
+    event = dfx.Event([_converged, piece_ends], direction=[None, False])
     int_dtype = jnp.asarray(0).dtype
 
     def problem_for(w, a, side):
         pnet = piecewise_neuron(w, a, side, X, slope)
         params, frozen = eqx.partition(pnet, pnet.trainable())
-        return GradientFlowProblem(frozen, X, y, loss, target, warp, noise_gain), params
+        labels = piece_labels(side, y, slope, loss)
+        return GradientFlowProblem(frozen, X, labels, loss, target, warp, noise_gain), params
 
     def take_pending(w, a, side, events, locating):
         def pending(c):
@@ -328,7 +379,7 @@ def flow_across_kinks(net: LeakyReLUNeuron, X, y, loss, solver, rtol, atol, t_ma
         traj0 = (jnp.full(save_ts.shape, jnp.inf, X.dtype), jnp.full(save_ts.shape + (X.shape[1],), jnp.inf, X.dtype))
 
     def phi(params, problem):
-        return _piece_ends(None, params, problem)
+        return piece_ends(None, params, problem)
 
     def body(c):
         w, a, side, t, steps, accepted, rejected, events, _, _, _, traj, locating, br, h_next = c
@@ -374,9 +425,10 @@ def flow_across_kinks(net: LeakyReLUNeuron, X, y, loss, solver, rtol, atol, t_ma
             # Steps land on the save times, so none lies inside the step that crossed: the piece's
             # saves hold up to that step's start.
             valid = ~locating & (save_ts >= t) & (save_ts <= jnp.where(piece_ended, t_a, t_stop))
+            saved = (sol.ys[1][0] + held_loss(side, y, slope, loss), sol.ys[1][1])  # the whole loss
             traj = jax.tree_util.tree_map(
                 lambda old, new: jnp.where(valid.reshape(valid.shape + (1,) * (new.ndim - 1)), new, old), traj,
-                sol.ys[1])
+                saved)
         result = RESULTS.where(bracketing, RESULTS.successful, RESULTS.promote(sol.result))
         result = RESULTS.where(stopped, RESULTS.event_occurred, result)
         result = RESULTS.where(bracketing & (steps >= max_steps), RESULTS.max_steps_reached, result)

@@ -21,6 +21,12 @@ class RESULTS(dfx.RESULTS):  # pyright: ignore
         "non-smooth along the flow or the flow is diverging; or (leaky-ReLU neuron) the flow met "
         "more kink events than its budget (8N + 64) allows."
     )
+    dead_samples = (
+        "The ReLU neuron's (slope ρ = 0) flow converged, but to a limit whose output is 0 on "
+        "samples with a nonzero label: on the flat side of the ReLU (wᵀx_n < 0, where no gradient "
+        "reaches them) or on its kink (wᵀx_n = 0, held there); the loss stays above its target: "
+        "a non-interpolating stationary point, outside every implicit-bias theorem (square loss)."
+    )
     invalid_input = "The input contained a non-finite value or violated a precondition."
     unstable = (
         "The discrete optimiser is unstable at this step size: the loss diverged, or the sharpness "
@@ -45,6 +51,7 @@ _STATUS_WORDS = {
     "nonfinite_input": "nonfinite",
     "invalid_input": "invalid_input",
     "unstable": "unstable",
+    "dead_samples": "dead_samples",
 }
 
 

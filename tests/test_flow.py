@@ -297,20 +297,31 @@ def test_kink_flow_trajectory_and_horizon():
     assert np.min(np.abs(X @ np.asarray(cut.network.w))) < 1e-12  # on the kink
 
 
-def test_relu_dead_samples_are_not_called_converged():
-    """ρ = 0 (plain ReLU): a sample left on the flat side has no gradient, so a flow can end at a
-    non-interpolating point; the SciPy Filippov solution ends there too, and ibflow must not
-    report `converged`."""
+def test_relu_dead_samples_end_as_dead_samples():
+    """ρ = 0 (plain ReLU): a sample left on the flat side gets no gradient (and one on its kink is
+    held there, its equivalent control tending to 0), so the flow converges to a
+    non-interpolating point. ibflow must stop there (the other samples' loss at its target) with
+    status `dead_samples`, never `converged`, at the SciPy Filippov solution's limit, its loss
+    the held samples' `Σ y_n²/(2N)` (those whose reference output is 0). In the same vmapped
+    batch, an initialisation whose samples all stay alive must still end `converged`."""
     rng = np.random.default_rng(0)
     X, y = rng.standard_normal((5, 12)), rng.standard_normal(5)
     w0 = rng.standard_normal(12) * 0.5
     w_ref, a_ref, _ = filippov_leaky_neuron(X, y, w0, 1.0, 0.0, t_max=1e6)
-    loss_ref = 0.5 * np.mean((a_ref * np.maximum(X @ w_ref, 0.0) - y) ** 2)
-    sol = ib.gradient_flow(ib.LeakyReLUNeuron(jnp.asarray(w0), jnp.asarray(1.0), 0.0), X, y, t_max=1e6,
-                           throw=False)
-    assert loss_ref > 1e-3  # the reference stalls at a positive loss
-    assert sol.status == "not_converged"
-    assert rel(sol.predictor, a_ref * w_ref) < 1e-8
+    held = np.abs(a_ref * np.maximum(X @ w_ref, 0.0)) < 1e-12
+    assert held.any() and not held.all()  # the reference ends at a positive loss
+    # Second member: X w_fit = |y| > 0 puts every sample on the slope-1 side, with labels it can fit.
+    w_fit = np.linalg.lstsq(X, np.abs(y), rcond=None)[0] + 0.01 * w0
+    y_fit = -np.abs(y)
+    w_ref1, a_ref1, _ = filippov_leaky_neuron(X, y_fit, w_fit, -1.0, 0.0)
+    batch = jax.jit(jax.vmap(lambda w, a, yy: ib.gradient_flow(ib.LeakyReLUNeuron(w, a, 0.0), X, yy, throw=False)))(
+        jnp.asarray(np.stack([w0, w_fit])), jnp.asarray([1.0, -1.0]), jnp.asarray(np.stack([y, y_fit])))
+    assert list(ib.status_words(batch.result)) == ["dead_samples", "converged"]
+    assert rel(batch.predictor[0], a_ref * w_ref) < 1e-9
+    assert float(batch.loss[0]) == pytest.approx(0.5 * np.mean(np.where(held, y, 0.0) ** 2), rel=1e-12)
+    assert np.all(np.asarray(batch.invariant_drift) < DRIFT_TOL)
+    assert rel(batch.predictor[1], a_ref1 * w_ref1) < 1e-9
+    assert float(batch.loss[1]) <= float(batch.loss_target[1])
 
 
 @pytest.mark.slow
