@@ -94,14 +94,16 @@ def labels_for(name, y):
     return y
 
 
-def filippov_leaky_neuron(X, y, w0, a0, rho, t_max=1e12, rtol=1e-12, atol=1e-14, max_events=400):
+def filippov_leaky_neuron(X, y, w0, a0, rho, t_max=1e12, rtol=1e-12, atol=1e-14, max_events=400, save_ts=None):
     """An independent reference for the leaky-ReLU neuron's flow on the square loss
     `L = (1/2N) Σ (a σ(x_nᵀw) − y_n)²`, `σ(z) = max(z, ρz)`, as a Filippov solution (Filippov
     1988 §4): SciPy Radau between events, each piece with its samples' slopes fixed and w
     projected off the sliding samples' x_n; SciPy's event location (dense output) finds where a
     sample reaches its kink (it crosses, or slides when both sides' ż_n point at the kink) or a
     sliding sample's equivalent control λ_n leaves [ρ, 1] (it leaves to the slope-1 or slope-ρ
-    side). Stops at `L ≤ 1e-26` or `t_max`. Returns `(w, a, events)`, events `(kind, n, t)`.
+    side). Stops at `L ≤ 1e-26` or `t_max`. Returns `(w, a, events)`, events `(kind, n, t)`,
+    and with `save_ts` also the states `(w, a)` (len(save_ts), d + 1) at those times (Radau's
+    dense output within each piece; NaN past the end).
     Written with NumPy and SciPy only, apart from ibflow's `_kinks` (the decisions are the same
     by design; the integrator, event location and linear algebra are not)."""
     from scipy.integrate import solve_ivp
@@ -111,6 +113,8 @@ def filippov_leaky_neuron(X, y, w0, a0, rho, t_max=1e12, rtol=1e-12, atol=1e-14,
     side = np.where(X @ w0 > 0, 1.0, rho)  # the slope of each sample not sliding
     S = np.zeros(N, bool)
     state, t, events = np.concatenate([w0, [a0]]).astype(float), 0.0, []
+    save_ts = None if save_ts is None else np.asarray(save_ts, float)
+    saved = None if save_ts is None else np.full((len(save_ts), d + 1), np.nan)
 
     def projector():
         if not S.any():
@@ -168,7 +172,11 @@ def filippov_leaky_neuron(X, y, w0, a0, rho, t_max=1e12, rtol=1e-12, atol=1e-14,
 
         converged.terminal, converged.direction = True, -1
         sol = solve_ivp(rhs, (t, t_max), state, method="Radau", rtol=rtol, atol=atol, events=funcs + [converged],
-                        args=(P,))
+                        args=(P,), dense_output=save_ts is not None)
+        if save_ts is not None:
+            inside = (save_ts >= t) & (save_ts <= sol.t[-1])
+            if inside.any():
+                saved[inside] = sol.sol(save_ts[inside]).T
         state, t = sol.y[:, -1].copy(), sol.t[-1]
         hit = [n for n in range(N) if len(sol.t_events[n])]
         if sol.status != 1 or len(sol.t_events[N]) or not hit:
@@ -192,4 +200,6 @@ def filippov_leaky_neuron(X, y, w0, a0, rho, t_max=1e12, rtol=1e-12, atol=1e-14,
         else:
             side[n] = rho if side[n] == 1.0 else 1.0
             events.append(("cross", n, t))
+    if save_ts is not None:
+        return state[:-1], state[-1], events, saved
     return state[:-1], state[-1], events

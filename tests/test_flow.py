@@ -280,21 +280,24 @@ def test_kink_flow_under_vmap():
 
 def test_kink_flow_trajectory_and_horizon():
     """The trajectory at `save_ts` (times before, between and after the slides) and the state at
-    a horizon `t_max` inside a slide both follow the SciPy Filippov solution."""
+    a horizon `t_max` inside a slide both follow the SciPy Filippov solution (one compiled flow:
+    the horizon is an array argument)."""
     X, y, w0, a0, rho = _kink_case(2)
     _, _, events = filippov_leaky_neuron(X, y, w0, a0, rho)
-    times = sorted({0.5 * events[0][2]} | {e[2] * f for e in events[:6] for f in (0.99, 1.01)})
+    times = np.array(sorted({0.5 * events[0][2]} | {e[2] * f for e in events[:6] for f in (0.99, 1.01)}))
+    _, _, _, ref = filippov_leaky_neuron(X, y, w0, a0, rho, save_ts=times)
     net = ib.LeakyReLUNeuron(jnp.asarray(w0), jnp.asarray(a0), rho)
-    sol = ib.gradient_flow(net, X, y, save_ts=jnp.asarray(times))
-    for t, pred in zip(times, np.asarray(sol.trajectory_predictor)):
-        w_t, a_t, _ = filippov_leaky_neuron(X, y, w0, a0, rho, t_max=t)
-        assert rel(pred, a_t * w_t) < 1e-9, t
+    sol = ib.gradient_flow(net, X, y, save_ts=jnp.asarray(times), throw=False)
+    assert sol.status == "converged"
+    for t, pred, (*w_t, a_t) in zip(times, np.asarray(sol.trajectory_predictor), ref):
+        assert rel(pred, a_t * np.asarray(w_t)) < 1e-9, t
     sliding_at = next(e[2] for e in events if e[0] == "slide") * 1.01
-    cut = ib.gradient_flow(net, X, y, t_max=sliding_at, throw=False)
+    cut = ib.gradient_flow(net, X, y, save_ts=jnp.asarray(times), t_max=sliding_at, throw=False)
     assert cut.status == "not_converged" and float(cut.t_end) == pytest.approx(sliding_at)
     w_t, a_t, _ = filippov_leaky_neuron(X, y, w0, a0, rho, t_max=sliding_at)
     assert rel(cut.network.w, w_t) < 1e-9 and abs(float(cut.network.a) - a_t) < 1e-9
     assert np.min(np.abs(X @ np.asarray(cut.network.w))) < 1e-12  # on the kink
+    assert np.all(np.isinf(np.asarray(cut.ts)[times > sliding_at]))  # no saves past the horizon
 
 
 def test_relu_dead_samples_end_as_dead_samples():
