@@ -241,10 +241,10 @@ class _Bracket(eqx.Module):
     """The root finder's state while a piece's end is located: the end lies in `(t_a + lo,
     t_a + hi]`, `φ(y(t_a + lo)) > 0 ≥ φ(y(t_a + hi))` for `φ = min_n φ_n`; `v_lo`, `v_hi` the
     vectors `φ_n + 2δ_n` (N,) there (`values` in `flow_across_kinks`), `g_lo`, `g_hi` the
-    Illinois factors on them, `y_hi` the state at hi, `kept` which end stayed last (−1 lo, +1 hi), `it` the
-    iterations taken, `tol` how close below 0 φ at hi must be (the smallest event tolerance δ_n:
-    the sample that ends the piece is then past its threshold by at most δ_n,
-    `event_tolerances`)."""
+    Illinois factors on them, `y_hi` the state at hi, `kept` which end stayed last (−1 lo,
+    +1 hi), `it` the iterations taken, `tol` how close below 0 φ at hi must be (the smallest
+    event tolerance δ_n: the sample that ends the piece is then past its threshold by at most
+    δ_n, `event_tolerances`)."""
 
     t_a: Array
     y_a: object

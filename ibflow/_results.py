@@ -21,18 +21,18 @@ class RESULTS(dfx.RESULTS):  # pyright: ignore
         "non-smooth along the flow or the flow is diverging; or (leaky-ReLU neuron) the flow met "
         "more kink events than its budget (8N + 64) allows."
     )
-    dead_samples = (
-        "The ReLU neuron's (slope ρ = 0) flow converged, but to a limit whose output is 0 on "
-        "samples with a nonzero label: on the flat side of the ReLU (wᵀx_n < 0, where no gradient "
-        "reaches them) or on its kink (wᵀx_n = 0, held there); the loss stays above its target: "
-        "a non-interpolating stationary point, outside every implicit-bias theorem (square loss)."
-    )
     invalid_input = "The input contained a non-finite value or violated a precondition."
     unstable = (
         "The discrete optimiser is unstable at this step size: the loss diverged, or the sharpness "
         "λ_max(∇²L) exceeded the stability bound (2/η for GD) at the end of the run, or the minimum it "
         "was meant to reach (e.g. the gradient flow's limit) is sharper than the bound, so the optimiser "
         "cannot converge to it."
+    )
+    dead_samples = (
+        "The ReLU neuron's (slope ρ = 0) flow converged, but to a limit whose output is 0 on "
+        "samples with a nonzero label: on the flat side of the ReLU (wᵀx_n < 0, where no gradient "
+        "reaches them) or on its kink (wᵀx_n = 0, held there); the loss stays above its target: "
+        "a non-interpolating stationary point, outside every implicit-bias theorem (square loss)."
     )
 
 
