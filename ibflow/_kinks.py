@@ -189,8 +189,8 @@ def finish(piece: PiecewiseNeuron, X, y, loss, result, piece_loss):
     `RESULTS.dead_samples` (or `not_converged` if the end-game moved a dead sample past its
     kink, where the flow would have revived it); `loss` adds their constant part to the piece's."""
     held = held_samples(piece.side, y, piece.slope, loss)
-    z = (X @ piece.projected()) / jnp.linalg.norm(X, axis=1)
-    revived = jnp.any(held & (piece.side < 0) & (z > event_tolerances(piece, X)))
+    pending = event_values(piece, X, y, loss) < -event_tolerances(piece, X)  # as `take_pending`
+    revived = jnp.any(held & (piece.side < 0) & pending)
     converged = result == RESULTS.successful
     result = RESULTS.where(converged & jnp.any(held), RESULTS.dead_samples, result)
     result = RESULTS.where(converged & revived, RESULTS.not_converged, result)
