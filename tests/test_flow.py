@@ -264,6 +264,7 @@ def test_kink_sliding_follows_the_filippov_solution(seed):
     assert float(sol.loss) <= float(sol.loss_target)
 
 
+@pytest.mark.slow  # the default suite's jit(vmap) kink flow: test_relu_dead_samples_end_as_dead_samples
 def test_kink_flow_under_vmap():
     """`jit(vmap)` over leaky-ReLU initialisations (pieces and event location in lock-step):
     every member follows its own SciPy Filippov solution."""
