@@ -94,14 +94,16 @@ def labels_for(name, y):
     return y
 
 
-def filippov_leaky_neuron(X, y, w0, a0, rho, t_max=1e12, rtol=1e-12, atol=1e-14, max_events=400, save_ts=None):
+def filippov_leaky_neuron(X, y, w0, a0, rho, t_max=1e12, rtol=1e-12, atol=1e-14, max_events=400, save_ts=None,
+                          loss="square"):
     """An independent reference for the leaky-ReLU neuron's flow on the square loss
-    `L = (1/2N) Σ (a σ(x_nᵀw) − y_n)²`, `σ(z) = max(z, ρz)`, as a Filippov solution (Filippov
+    `L = (1/2N) Σ (a σ(x_nᵀw) − y_n)²` (or, with `loss="exp"`, the exponential loss
+    `L = (1/N) Σ exp(−y_n a σ(x_nᵀw))`), `σ(z) = max(z, ρz)`, as a Filippov solution (Filippov
     1988 §4): SciPy Radau between events, each piece with its samples' slopes fixed and w
     projected off the sliding samples' x_n; SciPy's event location (dense output) finds where a
     sample reaches its kink (it crosses, or slides when both sides' ż_n point at the kink) or a
     sliding sample's equivalent control λ_n leaves [ρ, 1] (it leaves to the slope-1 or slope-ρ
-    side). Stops at `L ≤ 1e-26` or `t_max`. Returns `(w, a, events)`, events `(kind, n, t)`,
+    side). Stops at `L ≤ 1e-26` (square loss) or `t_max`. Returns `(w, a, events)`, events `(kind, n, t)`,
     and with `save_ts` also the states `(w, a)` (len(save_ts), d + 1) at those times (Radau's
     dense output within each piece; NaN past the end).
     Written with NumPy and SciPy only, apart from ibflow's `_kinks` (the decisions are the same
@@ -122,10 +124,13 @@ def filippov_leaky_neuron(X, y, w0, a0, rho, t_max=1e12, rtol=1e-12, atol=1e-14,
         XS = X[S]
         return np.eye(d) - XS.T @ np.linalg.solve(XS @ XS.T, XS)
 
+    def dloss(f):  # ∂L/∂f_n
+        return (f - y) / N if loss == "square" else -y * np.exp(-y * f) / N
+
     def parts(s):
         w, a = s[:-1], s[-1]
         z = np.where(S, 0.0, X @ w)
-        r = (a * side * z - y) / N
+        r = dloss(a * side * z)
         return w, a, z, r, X.T @ (r * a * side * ~S)
 
     def rhs(t, s, P):
@@ -166,6 +171,8 @@ def filippov_leaky_neuron(X, y, w0, a0, rho, t_max=1e12, rtol=1e-12, atol=1e-14,
             funcs.append(fn)
 
         def converged(t, s, P):
+            if loss != "square":
+                return 1.0
             w, a = s[:-1], s[-1]
             f = a * np.maximum(X @ w, rho * (X @ w))
             return np.log(0.5 * np.mean((f - y) ** 2)) - np.log(1e-26)

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import scipy.optimize
-from helpers import rel
+from helpers import filippov_leaky_neuron, rel
 
 import ibflow as ib
 from ibflow._cli import main
@@ -187,6 +187,34 @@ def test_margin_flow_vmap_matches_single_runs():
         one = ib.margin_flow(ib.diagonal_init(a, 0.0, 6), X8, y8, until_loss=1e-50)
         # Batched members step together (same τ grid as the slowest), so agree to the tolerance.
         assert _cos_gap(batch.predictor[i], one.predictor) < 1e-8
+
+
+def test_leaky_relu_margin_flow_crosses_and_slides_on_its_kinks():
+    """A leaky-ReLU neuron's classification flow crosses and slides on its kinks (stepping
+    through them, it used to end `stalled` on these data): it follows an independent SciPy
+    Filippov solution in plain time, before and after the hand-over to warped time at
+    `L = 1/(2N)` (t ≈ 32 here), and reaches `L = 1e-100` at a certified Lyu-Li KKT direction."""
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((12, 20))
+    y = np.sign(X @ rng.standard_normal(20))
+    w0, a0, rho = 0.3 * rng.standard_normal(20), -0.6, 0.2
+    net = ib.LeakyReLUNeuron(jnp.asarray(w0), jnp.asarray(a0), rho)
+    flow = jax.jit(lambda T: ib.margin_flow(net, X, y, until_loss=1e-100, until_time=T, throw=False))
+    for T in (3.0, 300.0):
+        sol = flow(T)
+        assert sol.status == "converged"  # the horizon was reached
+        t_end = float(jnp.expm1(sol.log1p_t))
+        _, _, events, saved = filippov_leaky_neuron(X, y, w0, a0, rho, t_max=t_end, loss="exp", save_ts=[t_end])
+        kinds = [k for k, _, _ in events]
+        assert "slide" in kinds and "exit" in kinds and "cross" in kinds
+        # The reference takes its events one at a time, right only where none coincide.
+        assert len({t for _, _, t in events}) == len(events)
+        assert rel(np.r_[sol.network.w, sol.network.a], saved[0]) < 1e-7
+    sol = flow(jnp.inf)
+    assert sol.status == "converged" and float(sol.log_loss) <= np.log(1e-100)
+    assert float(sol.invariant_drift) < 1e-9  # a² − ‖w‖², across both phases
+    cert = ib.certify_margin(sol, X, y, initial=net)
+    assert cert.applicable and cert.passed, cert.reason
 
 
 def test_bad_input():
