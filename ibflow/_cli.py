@@ -7,8 +7,9 @@
 
 Bad input exits with status 2 and a one-line message; a flow that does not
 converge writes R.json with its status and exits with status 1. Classification
-(`--loss exp|logistic`) needs ±1 labels and linearly separable data: otherwise
-R.json gets `status: "not separable"` and the exit status is 2.
+(`--loss exp|logistic`) needs ±1 labels and linearly separable data (and, for a ReLU neuron
+with slope 0, labels of one sign): otherwise R.json gets `status: "not separable"` and the
+exit status is 2.
 
 Compiled programs are kept in JAX's persistent compilation cache, so a later command on
 problems of the same shapes (any values) skips XLA compilation: `$IBFLOW_CACHE_DIR`, default
@@ -435,6 +436,12 @@ def _run_margin(args, data, net0) -> int:
     except NotSeparableError as e:
         _write_json(args.out, dict(net=args.net, loss_name=args.loss, status="not separable", reason=str(e)))
         return _fail(str(e), code=2)
+    if getattr(net0, "slope", None) == 0 and np.any(y > 0) and np.any(y < 0):
+        # Its flow would run into max_steps at a loss that cannot fall below (#minority label)/N.
+        reason = ("a ReLU neuron (slope 0) outputs a*max(w.x, 0), all of one sign: it cannot give both labels "
+                  "a positive margin, so no max-margin limit exists (use a leaky slope > 0)")
+        _write_json(args.out, dict(net=args.net, loss_name=args.loss, status="not separable", reason=reason))
+        return _fail(reason, code=2)
     t0 = time.perf_counter()
 
     def solve(net, X, y):  # X finite (`load_data`) and y in {-1, +1} (above), checked on the host

@@ -242,6 +242,11 @@ def test_cli_classification(tmp_path):
     rc = main(["run", "--data", str(tmp_path / "n.npz"), "--net", "linear", "--alpha", "1", "--loss", "logistic",
                "--out", str(out)])
     assert rc == 2 and json.loads(out.read_text())["status"] == "not separable"
+    # A plain ReLU neuron's outputs share one sign: separable data, but not by it.
+    rc = main(["run", "--data", str(tmp_path / "c.npz"), "--net", "leaky-relu", "--slope", "0", "--alpha", "1",
+               "--loss", "exp", "--out", str(out)])
+    r = json.loads(out.read_text())
+    assert rc == 2 and r["status"] == "not separable" and "one sign" in r["reason"]
     rc = main(["run", "--data", str(tmp_path / "c.npz"), "--net", "linear", "--alpha", "1", "--loss", "exp",
                "--until-loss", "2", "--out", str(out)])
     assert rc == 2
