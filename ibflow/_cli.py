@@ -437,7 +437,7 @@ def _run_margin(args, data, net0) -> int:
         _write_json(args.out, dict(net=args.net, loss_name=args.loss, status="not separable", reason=str(e)))
         return _fail(str(e), code=2)
     if getattr(net0, "slope", None) == 0 and np.any(y > 0) and np.any(y < 0):
-        # Its flow would run into max_steps at a loss that cannot fall below (#minority label)/N.
+        # Its flow would run into max_steps: the loss cannot fall below ℓ(0)·#{n: y_n ≠ sign a}/N.
         reason = ("a ReLU neuron (slope 0) outputs a*max(w.x, 0), all of one sign: it cannot give both labels "
                   "a positive margin, so no max-margin limit exists (use a leaky slope > 0)")
         _write_json(args.out, dict(net=args.net, loss_name=args.loss, status="not separable", reason=reason))
