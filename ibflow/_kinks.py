@@ -197,6 +197,13 @@ def finish(piece: PiecewiseNeuron, X, y, loss, result, piece_loss):
     return result, piece_loss + held_loss(piece.side, y, piece.slope, loss)
 
 
+#: The event budget of one kink flow, `EVENTS_PER_SAMPLE·N + EXTRA_EVENTS` (read when the flow
+#: is traced): past it the flow ends `RESULTS.stalled` (a Zeno-like cascade of events, or a
+#: pattern decision that keeps being undone, would otherwise loop without end). The flows
+#: measured so far took up to ~50 events at N = 100 (Azulay size) and 15 at N ≤ 24.
+EVENTS_PER_SAMPLE, EXTRA_EVENTS = 8, 64
+
+
 def _time(t):
     return jnp.asarray(t, jnp.result_type(float))
 
@@ -356,7 +363,7 @@ def flow_across_kinks(net: LeakyReLUNeuron, X, y, loss, solver, rtol, atol, t_ma
     from ._flow import GradientFlowProblem, _converged, _vector_field, save_at, solve_end
 
     slope = net.slope
-    max_events = 8 * X.shape[0] + 64
+    max_events = EVENTS_PER_SAMPLE * X.shape[0] + EXTRA_EVENTS
     warp = None if warp is None else _NeuronWarp(warp)
     terms = dfx.ODETerm(_vector_field)
     wrapped = _KeepStepStart(solver)

@@ -279,6 +279,27 @@ def test_kink_flow_under_vmap():
         assert rel(sol.predictor[i], a_ref * w_ref) < 1e-9, i
 
 
+@pytest.mark.slow  # one more compilation of a kink flow
+def test_kink_flow_past_its_event_budget_stalls(monkeypatch):
+    """A kink flow that needs more events than its budget (`_kinks.EVENTS_PER_SAMPLE·N +
+    EXTRA_EVENTS`, here cut to 2 where the flow takes more) ends `stalled`, and raises with
+    `throw=True`: its pattern is no longer followed, so its state is not reported as a limit."""
+    import ibflow._kinks as kinks
+
+    X, y, w0, a0, rho = _kink_case(2)
+    assert len(filippov_leaky_neuron(X, y, w0, a0, rho)[2]) > 2
+    net = ib.LeakyReLUNeuron(jnp.asarray(w0), jnp.asarray(a0), rho)
+    monkeypatch.setattr(kinks, "EVENTS_PER_SAMPLE", 0)
+    monkeypatch.setattr(kinks, "EXTRA_EVENTS", 2)
+    jax.clear_caches()  # the budget is read at trace time: no program traced with the default
+    try:
+        assert ib.gradient_flow(net, X, y, throw=False).status == "stalled"
+        with pytest.raises(Exception, match="more kink events than its budget"):
+            ib.gradient_flow(net, X, y)
+    finally:
+        jax.clear_caches()  # nor one traced with this budget left for the next tests
+
+
 def test_kink_flow_trajectory_and_horizon():
     """The trajectory at `save_ts` (times before, between and after the slides) and the state at
     a horizon `t_max` inside a slide both follow the SciPy Filippov solution (one compiled flow:
