@@ -283,7 +283,8 @@ def margin_flow(
     A `LeakyReLUNeuron` is first solved in plain time across its kinks as a Filippov solution
     (crossing or sliding, as `gradient_flow` does) until `L ≤ ℓ(0)/(2N)`, after which every
     margin stays positive and the flow is smooth, then in warped time (module docstring);
-    `num_steps` counts both phases.
+    `num_steps` counts both phases, and a record level above `ℓ(0)/(2N)` is taken at the
+    hand-over state (its `log_loss` says where).
 
     Vmappable over the network's arrays; new levels or tolerances do not recompile when
     the number of recorded levels is unchanged.
