@@ -354,8 +354,9 @@ def flow_across_kinks(net: LeakyReLUNeuron, X, y, loss, solver, rtol, atol, t_ma
 
     Returns `(problem, params, t_end, result, stats, stopped, ts, trajectory)`: the last
     piece's `GradientFlowProblem` (a `PiecewiseNeuron`'s) and its parameters, the final time, an
-    ibflow `RESULTS` item (`stalled` after `8N + 64` events), the step counts summed over the
-    pieces, whether the convergence event fired, and the trajectory at `save_ts` (or Nones).
+    ibflow `RESULTS` item (`stalled` past the event budget, `EVENTS_PER_SAMPLE·N +
+    EXTRA_EVENTS`), the step counts summed over the pieces, whether the convergence event
+    fired, and the trajectory at `save_ts` (or Nones).
 
     `max_steps` bounds the steps of all pieces together (the last piece may overrun it by up to
     `max_steps`), and reaching it is `max_steps`."""

@@ -19,7 +19,7 @@ class RESULTS(dfx.RESULTS):  # pyright: ignore
     stalled = (
         "Most steps were rejected until the step budget ran out: the vector field is probably "
         "non-smooth along the flow or the flow is diverging; or (leaky-ReLU neuron) the flow met "
-        "more kink events than its budget (8N + 64) allows."
+        "more kink events than its budget (`_kinks.EVENTS_PER_SAMPLE`·N + `EXTRA_EVENTS`, 8N + 64) allows."
     )
     invalid_input = "The input contained a non-finite value or violated a precondition."
     unstable = (
