@@ -38,6 +38,7 @@ import diffrax as dfx
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.flatten_util import ravel_pytree
 from jaxtyping import Array, Float
 
@@ -233,6 +234,12 @@ class MarginFlowSolution(eqx.Module):
         return self.result == RESULTS.successful
 
 
+# a·max(wᵀx, 0) has one sign on every sample, so with labels of both signs some margin stays ≤ 0
+# and L ≥ ℓ(0)/N for all t: no flow reaches a max-margin limit.
+_RELU_ONE_SIGN = ("margin_flow: a ReLU neuron (slope 0) outputs a·max(wᵀx, 0), all of one sign, so it cannot "
+                  "separate labels of both signs and has no max-margin limit (use a slope > 0)")
+
+
 def default_record_exponents(stop_exponent: float) -> list[float]:
     """Exponents k = 1, 2, 5, 10, 20, 50, … below `stop_exponent` (levels L = 10^{-k})."""
     out, base = [], 1.0
@@ -284,7 +291,8 @@ def margin_flow(
     (crossing or sliding, as `gradient_flow` does) until `L ≤ ℓ(0)/(2N)`, after which every
     margin stays positive and the flow is smooth, then in warped time (module docstring);
     `num_steps` counts both phases, and a record level above `ℓ(0)/(2N)` is taken at the
-    hand-over state (its `log_loss` says where).
+    hand-over state (its `log_loss` says where). A plain ReLU neuron (slope 0) has one output
+    sign, so labels of both signs raise an error (no max-margin limit exists).
 
     Vmappable over the network's arrays; new levels or tolerances do not recompile when
     the number of recorded levels is unchanged.
@@ -310,6 +318,10 @@ def margin_flow(
         levels = sorted((float(v) for v in log_record_losses), reverse=True)
         if any(v <= log_stop for v in levels):
             raise ValueError("record levels must all lie above the stopping level")
+    if isinstance(net, LeakyReLUNeuron) and net.slope == 0 and not isinstance(y, jax.core.Tracer):
+        y_host = np.asarray(y)  # concrete labels: refused before compiling (traced ones: in `_margin_flow`)
+        if np.any(y_host > 0) and np.any(y_host < 0):
+            raise ValueError(_RELU_ONE_SIGN)
     log_levels = jnp.asarray(levels + [log_stop], dtype)
     return _margin_flow(net, X, y, loss, solver, jnp.asarray(rtol, dtype), jnp.asarray(atol, dtype), log_levels,
                         jnp.asarray(jnp.log1p(until_time), dtype), max_steps, throw, checks_enabled())
@@ -323,6 +335,8 @@ def _margin_flow(net, X, y, loss, solver, rtol, atol, log_levels, log1p_t_max, m
     if not isinstance(loss, AbstractMarginLoss):
         raise TypeError(f"margin_flow needs a margin loss (exp or logistic), got {type(loss).__name__}")
     y = value_check(y, ~jnp.all(jnp.abs(y) == 1), "classification labels y must be +1 or -1", checks)
+    if isinstance(net, LeakyReLUNeuron) and net.slope == 0:
+        y = value_check(y, jnp.any(y > 0) & jnp.any(y < 0), _RELU_ONE_SIGN, checks)
     if solver is None:
         solver = LinearlyImplicitExtrapolation(order_k=5)
     params, frozen = eqx.partition(net, net.trainable())

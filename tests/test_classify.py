@@ -226,6 +226,22 @@ def test_bad_input():
         ib.margin_flow(ib.Linear(jnp.zeros(6)), X8, y8, until_loss=2.0)
     with pytest.raises(TypeError, match="margin loss"):
         ib.margin_flow(ib.Linear(jnp.zeros(6)), X8, y8, loss=ib.SquareLoss())
+    # A plain ReLU neuron (slope 0) has one output sign: labels of both signs cannot be separated
+    # by it (refused on the host, before compiling; traced labels: the slow test below).
+    assert np.any(y8 > 0) and np.any(y8 < 0)
+    with pytest.raises(ValueError, match="one sign"):
+        ib.margin_flow(ib.LeakyReLUNeuron(jnp.full(6, 0.1), jnp.asarray(1.0), 0.0), X8, y8)
+
+
+@pytest.mark.slow
+def test_relu_margin_flow_refuses_traced_labels_of_both_signs():
+    """The same refusal when the labels are traced (checked inside the program), and one-signed
+    labels pass the check (the same compiled program: y is a run-time value)."""
+    relu = ib.LeakyReLUNeuron(jnp.full(6, 0.1), jnp.asarray(1.0), 0.0)
+    flow = jax.jit(lambda y: ib.margin_flow(relu, X8, y, max_steps=8, throw=False).log_loss)
+    with pytest.raises(Exception, match="one sign"):
+        flow(jnp.asarray(y8))
+    assert np.isfinite(flow(jnp.ones_like(jnp.asarray(y8))))
 
 
 def test_cli_classification(tmp_path):
