@@ -1,5 +1,8 @@
 import gc
 import os
+import shutil
+import tempfile
+import uuid
 
 # The suite's XLA:CPU compiler options, set before JAX's backend starts (it reads XLA_FLAGS
 # once, at the first computation). Most of a test's time is XLA compiling a program it then
@@ -38,6 +41,48 @@ jax.config.update("jax_enable_x64", True)
 # suite (which calls it in process and in subprocesses) leaves the user's cache alone and
 # compiles everything itself. test_cli.py tests the cache in a temporary directory.
 os.environ.setdefault("IBFLOW_CACHE_DIR", "off")
+
+
+_SUITE_CACHE_ROOT = os.path.join(tempfile.gettempdir(), "ibflow-suite-jax")
+
+
+def pytest_configure(config):
+    """A JAX compilation cache for this run only, shared by its worker processes.
+
+    Each module's compiled programs are released when it finishes (`_release_compiled_code`), so
+    modules that solve the same flows on data of the same shapes compiled them again, and so did
+    each xdist worker. With one persistent cache per run (a fresh directory, removed when the run
+    ends) a program is compiled once per run and read back elsewhere: every test still compiles
+    what it runs at least once per run, and no run sees another's programs. The controller picks
+    the run's id (xdist's `--testrunuid`); a run without workers keeps its own directory. Off when
+    `JAX_COMPILATION_CACHE_DIR` is set (the user's choice stands) or `IBFLOW_SUITE_CACHE=off`."""
+    if os.environ.get("JAX_COMPILATION_CACHE_DIR") or os.environ.get("IBFLOW_SUITE_CACHE") == "off":
+        return
+    workerinput = getattr(config, "workerinput", None)
+    if workerinput is not None:
+        path = os.path.join(_SUITE_CACHE_ROOT, workerinput["testrunuid"])
+    else:
+        if getattr(config.option, "numprocesses", None) and getattr(config.option, "dist", "no") != "no":
+            config.option.testrunuid = config.option.testrunuid or uuid.uuid4().hex
+            path = os.path.join(_SUITE_CACHE_ROOT, config.option.testrunuid)  # the workers' directory
+        else:
+            path = os.path.join(_SUITE_CACHE_ROOT, uuid.uuid4().hex)
+            _use_compilation_cache(path)
+        config._ibflow_suite_cache = path  # removed in pytest_unconfigure
+        return
+    _use_compilation_cache(path)
+
+
+def _use_compilation_cache(path):
+    os.makedirs(path, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.1)
+
+
+def pytest_unconfigure(config):
+    path = getattr(config, "_ibflow_suite_cache", None)
+    if path is not None:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture
