@@ -2,6 +2,7 @@ import gc
 import os
 import shutil
 import tempfile
+import time
 import uuid
 
 # The suite's XLA:CPU compiler options, set before JAX's backend starts (it reads XLA_FLAGS
@@ -62,6 +63,7 @@ def pytest_configure(config):
     if workerinput is not None:
         path = os.path.join(_SUITE_CACHE_ROOT, workerinput["testrunuid"])
     else:
+        _remove_stale_caches()
         if getattr(config.option, "numprocesses", None) and getattr(config.option, "dist", "no") != "no":
             config.option.testrunuid = config.option.testrunuid or uuid.uuid4().hex
             path = os.path.join(_SUITE_CACHE_ROOT, config.option.testrunuid)  # the workers' directory
@@ -71,6 +73,20 @@ def pytest_configure(config):
         config._ibflow_suite_cache = path  # removed in pytest_unconfigure
         return
     _use_compilation_cache(path)
+
+
+def _remove_stale_caches(max_age_s=86_400):
+    """Remove the directories of runs that ended without `pytest_unconfigure` (killed) a day ago."""
+    try:
+        entries = list(os.scandir(_SUITE_CACHE_ROOT))
+    except OSError:
+        return
+    for entry in entries:
+        try:
+            if entry.is_dir() and time.time() - entry.stat().st_mtime > max_age_s:
+                shutil.rmtree(entry.path, ignore_errors=True)
+        except OSError:
+            pass
 
 
 def _use_compilation_cache(path):
