@@ -234,10 +234,18 @@ class MarginFlowSolution(eqx.Module):
         return self.result == RESULTS.successful
 
 
-# a·max(wᵀx, 0) has one sign on every sample, so with labels of both signs some margin stays ≤ 0
-# and L ≥ ℓ(0)/N for all t: no flow reaches a max-margin limit.
-_RELU_ONE_SIGN = ("margin_flow: a ReLU neuron (slope 0) outputs a·max(wᵀx, 0), all of one sign, so it cannot "
-                  "separate labels of both signs and has no max-margin limit (use a slope > 0)")
+_RELU_ONE_SIGN = ("a ReLU neuron (slope 0) outputs a·max(wᵀx, 0), all of one sign, so it cannot separate "
+                  "labels of both signs and has no max-margin limit (use a slope > 0)")
+
+
+def relu_cannot_separate(net: AbstractNetwork, y) -> bool:
+    """Whether `net` is a plain ReLU neuron (slope 0) and the concrete labels `y` have both signs:
+    a·max(wᵀx, 0) has one sign on every sample, so some margin stays ≤ 0 and L ≥ ℓ(0)/N for all
+    t, and no flow reaches a max-margin limit (`margin_flow` and the command line refuse it)."""
+    if not (isinstance(net, LeakyReLUNeuron) and net.slope == 0):
+        return False
+    y = np.asarray(y)
+    return bool(np.any(y > 0) and np.any(y < 0))
 
 
 def default_record_exponents(stop_exponent: float) -> list[float]:
@@ -318,10 +326,9 @@ def margin_flow(
         levels = sorted((float(v) for v in log_record_losses), reverse=True)
         if any(v <= log_stop for v in levels):
             raise ValueError("record levels must all lie above the stopping level")
-    if isinstance(net, LeakyReLUNeuron) and net.slope == 0 and not isinstance(y, jax.core.Tracer):
-        y_host = np.asarray(y)  # concrete labels: refused before compiling (traced ones: in `_margin_flow`)
-        if np.any(y_host > 0) and np.any(y_host < 0):
-            raise ValueError(_RELU_ONE_SIGN)
+    # Concrete labels are refused before compiling (traced ones: in `_margin_flow`).
+    if not isinstance(y, jax.core.Tracer) and relu_cannot_separate(net, y):
+        raise ValueError(f"margin_flow: {_RELU_ONE_SIGN}")
     log_levels = jnp.asarray(levels + [log_stop], dtype)
     return _margin_flow(net, X, y, loss, solver, jnp.asarray(rtol, dtype), jnp.asarray(atol, dtype), log_levels,
                         jnp.asarray(jnp.log1p(until_time), dtype), max_steps, throw, checks_enabled())
@@ -336,7 +343,7 @@ def _margin_flow(net, X, y, loss, solver, rtol, atol, log_levels, log1p_t_max, m
         raise TypeError(f"margin_flow needs a margin loss (exp or logistic), got {type(loss).__name__}")
     y = value_check(y, ~jnp.all(jnp.abs(y) == 1), "classification labels y must be +1 or -1", checks)
     if isinstance(net, LeakyReLUNeuron) and net.slope == 0:
-        y = value_check(y, jnp.any(y > 0) & jnp.any(y < 0), _RELU_ONE_SIGN, checks)
+        y = value_check(y, jnp.any(y > 0) & jnp.any(y < 0), f"margin_flow: {_RELU_ONE_SIGN}", checks)
     if solver is None:
         solver = LinearlyImplicitExtrapolation(order_k=5)
     params, frozen = eqx.partition(net, net.trainable())
@@ -347,9 +354,11 @@ def _margin_flow(net, X, y, loss, solver, rtol, atol, log_levels, log1p_t_max, m
         start, log1p_t0, steps0, rejected0, result0 = _across_kinks(net, X, y, loss, solver, rtol, atol,
                                                                     log1p_t_max, max_steps)
         params, _ = eqx.partition(start, start.trainable())
+        log_loss_start = problem.log_loss(params)
     else:
         log1p_t0, steps0, rejected0, result0 = jnp.zeros((), X.dtype), zero, zero, RESULTS.successful
-    state0 = (params, log1p_t0 + problem.log_loss(params))  # u = log((1 + t) L)
+        log_loss_start = log_loss0
+    state0 = (params, log1p_t0 + log_loss_start)  # u = log((1 + t) L)
 
     def segment(carry, log_level):
         state, tau, steps, rejected, result = carry

@@ -416,7 +416,7 @@ def _log_level(text):
 def _run_margin(args, data, net0) -> int:
     import jax
 
-    from ._classify import margin_flow
+    from ._classify import _RELU_ONE_SIGN, margin_flow, relu_cannot_separate
     from ._losses import loss_by_name
     from ._margin import NotSeparableError, check_separable
 
@@ -436,12 +436,9 @@ def _run_margin(args, data, net0) -> int:
     except NotSeparableError as e:
         _write_json(args.out, dict(net=args.net, loss_name=args.loss, status="not separable", reason=str(e)))
         return _fail(str(e), code=2)
-    if getattr(net0, "slope", None) == 0 and np.any(y > 0) and np.any(y < 0):
-        # Its flow would run into max_steps: the loss cannot fall below ℓ(0)·#{n: y_n ≠ sign a}/N.
-        reason = ("a ReLU neuron (slope 0) outputs a*max(w.x, 0), all of one sign: it cannot give both labels "
-                  "a positive margin, so no max-margin limit exists (use a leaky slope > 0)")
-        _write_json(args.out, dict(net=args.net, loss_name=args.loss, status="not separable", reason=reason))
-        return _fail(reason, code=2)
+    if relu_cannot_separate(net0, y):
+        _write_json(args.out, dict(net=args.net, loss_name=args.loss, status="not separable", reason=_RELU_ONE_SIGN))
+        return _fail(_RELU_ONE_SIGN, code=2)
     t0 = time.perf_counter()
 
     def solve(net, X, y):  # X finite (`load_data`) and y in {-1, +1} (above), checked on the host
