@@ -663,7 +663,8 @@ def cpu_xla_flags(xla_flags: str, jaxlib_version: str) -> str:
     is read once, when the backend starts (after `import ibflow`, before the first
     computation), and XLA aborts the process on a flag it does not define: hence the
     version range, outside which nothing is added. The flag only concerns the CPU backend;
-    the library (`import ibflow`) leaves XLA_FLAGS alone."""
+    the library (`import ibflow`) leaves XLA_FLAGS alone. The command line's whole set of
+    flags, GPU included, is `cli_xla_flags`."""
     if "xla_cpu_use_fusion_emitters" in xla_flags:
         return xla_flags
     try:
@@ -676,6 +677,34 @@ def cpu_xla_flags(xla_flags: str, jaxlib_version: str) -> str:
     return f"{xla_flags} {CPU_EMITTER_FLAG}".strip()
 
 
+#: XLA_FLAGS entry of the command-line process for GPUs (`cli_xla_flags`): no autotuning of
+#: XLA:GPU's kernels (cuBLAS algorithms, Triton tilings) at compilation. XLA has defined the
+#: flag since long before jaxlib 0.4.30 (ibflow's oldest); its XLA:CPU parses and ignores it.
+GPU_AUTOTUNE_FLAG = "--xla_gpu_autotune_level=0"
+
+
+def cli_xla_flags(xla_flags: str, jaxlib_version: str) -> str:
+    """The XLA_FLAGS the command line runs with: `cpu_xla_flags`, plus `GPU_AUTOTUNE_FLAG`
+    unless `xla_flags` sets `xla_gpu_autotune_level` itself (the user's choice stands).
+
+    Why: on a GPU, autotuning is most of what compiling the sweep's programs costs, and a
+    command compiles them for one grid. One NVIDIA H200 (jax 0.11.2; 22nd session,
+    `benchmarks/results/gpu_h200.md`), `ibflow sweep --certify` of the Azulay Fig. 7.1 grid
+    (d = 1000, N = 100, 100 points), fresh process, empty compilation cache, interleaved:
+    16.7 and 18.2 s by default, 10.5 and 11.7 s with the flag (the chunk program compiled in
+    2.9–3.1 s against 7.6–8.6 s, the dual-Newton reference in 0.45 s against 2.7–3.5 s); the
+    same 100/100 points certified. What it costs: kernels XLA did not tune. In process
+    (`benchmarks/gpu.py`), a second call of the 100-point grid took 0.49 s against 0.46 s at
+    d = 1000 and 1.48 s against 1.00 s at d = 1e5, against first calls of 9.3 s / 8.5 s instead
+    of 24.2 s / 17.5–19.9 s. A command whose solve runs far longer than its compilation (many
+    thousands of points at d ≳ 1e5) does better with `XLA_FLAGS=--xla_gpu_autotune_level=4`
+    (XLA's default)."""
+    flags = cpu_xla_flags(xla_flags, jaxlib_version)
+    if "xla_gpu_autotune_level" in flags:
+        return flags
+    return f"{flags} {GPU_AUTOTUNE_FLAG}".strip()
+
+
 def entry() -> None:
     """The `ibflow` console script and `python -m ibflow`: `main`, then a fast exit.
 
@@ -685,7 +714,7 @@ def entry() -> None:
     every worker thread joined, so the process flushes its streams, runs the atexit handlers
     and leaves with `os._exit`. (`main` itself, called in process, returns normally.)
 
-    Before `main`, the process's XLA_FLAGS get `cpu_xla_flags` (JAX's backend has not
+    Before `main`, the process's XLA_FLAGS get `cli_xla_flags` (JAX's backend has not
     started yet: `import ibflow` computes nothing)."""
     import atexit
     import os
@@ -693,7 +722,7 @@ def entry() -> None:
     from jaxlib.version import __version__ as jaxlib_version
 
     flags = os.environ.get("XLA_FLAGS", "")
-    wanted = cpu_xla_flags(flags, jaxlib_version)
+    wanted = cli_xla_flags(flags, jaxlib_version)
     if wanted != flags:
         os.environ["XLA_FLAGS"] = wanted
     rc = main()

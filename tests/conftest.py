@@ -8,7 +8,8 @@ import uuid
 # The suite's XLA:CPU compiler options, set before JAX's backend starts (it reads XLA_FLAGS
 # once, at the first computation). Most of a test's time is XLA compiling a program it then
 # runs for milliseconds, so the suite compiles with LLVM's optimisation level 0 (and the
-# command line's emitter choice, `ibflow._cli.cpu_xla_flags`): the default suite then took
+# command line's choices, `ibflow._cli.cli_xla_flags`: its XLA:CPU emitters and, on a GPU, no
+# kernel autotuning): the default suite then took
 # about half the time (2 cores). Level 0 changes how fast the code runs, not what it computes
 # (every test's tolerance is its own). It also leaves out XLA's while-loop-invariant code
 # motion, which a program with nested while loops pays for dearly: the leaky-ReLU flow (its
@@ -21,9 +22,9 @@ import uuid
 if "XLA_FLAGS" not in os.environ:
     from jaxlib.version import __version__ as _jaxlib_version
 
-    from ibflow._cli import cpu_xla_flags
+    from ibflow._cli import cli_xla_flags
 
-    os.environ["XLA_FLAGS"] = cpu_xla_flags(
+    os.environ["XLA_FLAGS"] = cli_xla_flags(
         "--xla_backend_optimization_level=0 --xla_disable_hlo_passes=while-loop-invariant-code-motion",
         _jaxlib_version,
     )

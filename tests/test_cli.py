@@ -322,8 +322,23 @@ def test_cpu_xla_flags_version_range(flags, version, expected):
     assert cpu_xla_flags(flags, version) == expected
 
 
-def test_entry_sets_cpu_flags_before_the_backend_starts():
-    """`entry` (the console script and `python -m ibflow`) puts `cpu_xla_flags` into the
+@pytest.mark.parametrize("flags, version, expected", [
+    ("", "0.10.2", "--xla_cpu_use_fusion_emitters=false --xla_gpu_autotune_level=0"),
+    ("", "0.11.2", "--xla_gpu_autotune_level=0"),
+    ("--xla_dump_to=/tmp/d", "0.11.2", "--xla_dump_to=/tmp/d --xla_gpu_autotune_level=0"),
+    # the user's own autotuning level stands, next to the CPU emitter choice
+    ("--xla_gpu_autotune_level=4", "0.10.2", "--xla_gpu_autotune_level=4 --xla_cpu_use_fusion_emitters=false"),
+    ("--xla_gpu_autotune_level=2 --xla_cpu_use_fusion_emitters=true", "0.11.2",
+     "--xla_gpu_autotune_level=2 --xla_cpu_use_fusion_emitters=true"),
+])
+def test_cli_xla_flags_add_the_gpu_autotuning_choice(flags, version, expected):
+    from ibflow._cli import cli_xla_flags
+
+    assert cli_xla_flags(flags, version) == expected
+
+
+def test_entry_sets_its_xla_flags_before_the_backend_starts():
+    """`entry` (the console script and `python -m ibflow`) puts `cli_xla_flags` into the
     process's XLA_FLAGS before `main`, while JAX's backend has not started, and the installed
     jaxlib's XLA accepts them (an unknown XLA_FLAGS entry aborts the process at the first
     computation)."""
@@ -342,9 +357,9 @@ def test_entry_sets_cpu_flags_before_the_backend_starts():
 
     from jaxlib.version import __version__
 
-    from ibflow._cli import cpu_xla_flags
+    from ibflow._cli import cli_xla_flags
 
     flags, started = proc.stdout.split("\n")[0].rsplit(" ", 1)
-    expected = cpu_xla_flags("", __version__)
+    expected = cli_xla_flags("", __version__)
     assert ast.literal_eval(flags) == (expected or None) and started == "False"
     assert proc.stdout.split("\n")[1] == "6.0"
