@@ -691,9 +691,10 @@ def cli_xla_flags(xla_flags: str, jaxlib_version: str) -> str:
     command compiles them for one grid. One NVIDIA H200 (jax 0.11.2; 22nd session,
     `benchmarks/results/gpu_h200.md`), `ibflow sweep --certify` of the Azulay Fig. 7.1 grid
     (d = 1000, N = 100, 100 points), fresh process, empty compilation cache, interleaved:
-    16.7 and 18.2 s by default, 10.5 and 11.7 s with the flag (the chunk program compiled in
+    16.7 and 18.2 s by default, 11.6 and 11.7 s with the flag (the chunk program compiled in
     2.9–3.1 s against 7.6–8.6 s, the dual-Newton reference in 0.45 s against 2.7–3.5 s); the
-    same 100/100 points certified. What it costs: kernels XLA did not tune. In process
+    same 100/100 points certified; through this function, on a freshly started machine, 15.2 s
+    (its first GPU process) and 12.8 s. What it costs: kernels XLA did not tune. In process
     (`benchmarks/gpu.py`), a second call of the 100-point grid took 0.49 s against 0.46 s at
     d = 1000 and 1.48 s against 1.00 s at d = 1e5, against first calls of 9.3 s / 8.5 s instead
     of 24.2 s / 17.5–19.9 s. A command whose solve runs far longer than its compilation (many
