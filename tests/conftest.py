@@ -9,8 +9,7 @@ import uuid
 # once, at the first computation). Most of a test's time is XLA compiling a program it then
 # runs for milliseconds, so the suite compiles with LLVM's optimisation level 0 (and the
 # command line's choices, `ibflow._cli.cli_xla_flags`: its XLA:CPU emitters and, on a GPU, no
-# kernel autotuning): the default suite then took
-# about half the time (2 cores). Level 0 changes how fast the code runs, not what it computes
+# kernel autotuning): the default suite then took about half the time (2 cores). Level 0 changes how fast the code runs, not what it computes
 # (every test's tolerance is its own). It also leaves out XLA's while-loop-invariant code
 # motion, which a program with nested while loops pays for dearly: the leaky-ReLU flow (its
 # pieces' `diffeqsolve` inside the event loop; d = 50, N = 20) compiled in 4.3 s without it
