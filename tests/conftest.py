@@ -9,15 +9,15 @@ import uuid
 # once, at the first computation). Most of a test's time is XLA compiling a program it then
 # runs for milliseconds, so the suite compiles with LLVM's optimisation level 0 (and the
 # command line's choices, `ibflow._cli.cli_xla_flags`: its XLA:CPU emitters and, on a GPU, no
-# kernel autotuning): the default suite then took about half the time (2 cores). Level 0 changes how fast the code runs, not what it computes
-# (every test's tolerance is its own). It also leaves out XLA's while-loop-invariant code
-# motion, which a program with nested while loops pays for dearly: the leaky-ReLU flow (its
-# pieces' `diffeqsolve` inside the event loop; d = 50, N = 20) compiled in 4.3 s without it
-# against 9.6 s with it (the pass ran 26 times, 1.8 s, and made the loop simplifications that
-# follow it cost 1.5 s more), the default suite took 517 s against 554 s in the same hour,
-# and the sweep's chunk program (no nested loops) compiled as fast either way. A user's own
-# XLA_FLAGS, even empty, stand instead: `XLA_FLAGS= pytest` runs the suite as the library
-# runs by default.
+# kernel autotuning): the default suite then took about half the time (2 cores). Level 0
+# changes how fast the code runs, not what it computes (every test's tolerance is its own). It
+# also leaves out XLA's while-loop-invariant code motion, which a program with nested while
+# loops pays for dearly: the leaky-ReLU flow (its pieces' `diffeqsolve` inside the event loop;
+# d = 50, N = 20) compiled in 4.3 s without it against 9.6 s with it (the pass ran 26 times,
+# 1.8 s, and made the loop simplifications that follow it cost 1.5 s more), the default suite
+# took 517 s against 554 s in the same hour, and the sweep's chunk program (no nested loops)
+# compiled as fast either way. A user's own XLA_FLAGS, even empty, stand instead:
+# `XLA_FLAGS= pytest` runs the suite as the library runs by default.
 if "XLA_FLAGS" not in os.environ:
     from jaxlib.version import __version__ as _jaxlib_version
 

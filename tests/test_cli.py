@@ -327,7 +327,8 @@ def test_cpu_xla_flags_version_range(flags, version, expected):
     ("", "0.11.2", "--xla_gpu_autotune_level=0"),
     ("--xla_dump_to=/tmp/d", "0.11.2", "--xla_dump_to=/tmp/d --xla_gpu_autotune_level=0"),
     # the user's own autotuning level stands, next to the CPU emitter choice
-    ("--xla_gpu_autotune_level=4", "0.10.2", "--xla_gpu_autotune_level=4 --xla_cpu_use_fusion_emitters=false"),
+    ("--xla_gpu_autotune_level=4", "0.10.2",
+     "--xla_gpu_autotune_level=4 --xla_cpu_use_fusion_emitters=false"),
     ("--xla_gpu_autotune_level=2 --xla_cpu_use_fusion_emitters=true", "0.11.2",
      "--xla_gpu_autotune_level=2 --xla_cpu_use_fusion_emitters=true"),
 ])
