@@ -665,8 +665,6 @@ def cpu_xla_flags(xla_flags: str, jaxlib_version: str) -> str:
     version range, outside which nothing is added. The flag only concerns the CPU backend;
     the library (`import ibflow`) leaves XLA_FLAGS alone. The command line's whole set of
     flags, GPU included, is `cli_xla_flags`."""
-    if "xla_cpu_use_fusion_emitters" in xla_flags:
-        return xla_flags
     try:
         version = tuple(int(v) for v in jaxlib_version.split(".")[:2])
     except ValueError:
@@ -674,7 +672,14 @@ def cpu_xla_flags(xla_flags: str, jaxlib_version: str) -> str:
     lo, hi = CPU_EMITTER_JAXLIB
     if not lo <= version < hi:
         return xla_flags
-    return f"{xla_flags} {CPU_EMITTER_FLAG}".strip()
+    return _unless_set(xla_flags, CPU_EMITTER_FLAG)
+
+
+def _unless_set(xla_flags: str, flag: str) -> str:
+    """`xla_flags` plus `flag` (`--name=value`), unless `xla_flags` names that option already:
+    the user's own setting stands."""
+    name = flag.lstrip("-").split("=")[0]
+    return xla_flags if name in xla_flags else f"{xla_flags} {flag}".strip()
 
 
 #: XLA_FLAGS entry of the command-line process for GPUs (`cli_xla_flags`): no autotuning of
@@ -700,10 +705,7 @@ def cli_xla_flags(xla_flags: str, jaxlib_version: str) -> str:
     of 24.2 s / 17.5–19.9 s. A command whose solve runs far longer than its compilation (many
     thousands of points at d ≳ 1e5) does better with `XLA_FLAGS=--xla_gpu_autotune_level=4`
     (XLA's default)."""
-    flags = cpu_xla_flags(xla_flags, jaxlib_version)
-    if "xla_gpu_autotune_level" in flags:
-        return flags
-    return f"{flags} {GPU_AUTOTUNE_FLAG}".strip()
+    return _unless_set(cpu_xla_flags(xla_flags, jaxlib_version), GPU_AUTOTUNE_FLAG)
 
 
 def entry() -> None:
