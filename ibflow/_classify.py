@@ -131,8 +131,123 @@ def _across_kinks(net: LeakyReLUNeuron, X, y, loss: AbstractMarginLoss, solver, 
             stats["num_rejected_steps"].astype(jnp.int32), result)
 
 
+def _stop_gap(problem: MarginFlowProblem, state):
+    """Positive before the stopping rule holds, ≤ `_stop_tolerance` once it does: the smaller of
+    `log L − log_target` and `log(1+t_max) − log(1+t)`."""
+    by_loss = problem.log_loss(state[0]) - problem.log_target
+    return jnp.minimum(by_loss, problem.log1p_t_max - problem.log1p_t(state))
+
+
+def _stop_tolerance(problem: MarginFlowProblem):
+    """`1000 ε (1 + |level|)`, the level the larger of `|log_target|` and a finite `log(1+t_max)`:
+    how closely a solve lands on its stopping rule (`_LandingController`), in log L or log(1+t)."""
+    level = jnp.abs(problem.log_target)
+    t_max = problem.log1p_t_max
+    level = jnp.where(jnp.isfinite(t_max), jnp.maximum(level, jnp.abs(t_max)), level)
+    return 1000 * jnp.finfo(jnp.result_type(level)).eps * (1 + level)
+
+
+def _secant_gap(problem: MarginFlowProblem, state):
+    """`_stop_gap` in coordinates where it runs about linearly in warped time late in the flow:
+    `log(1/L)` and `log(1+t)` grow about exponentially in τ (‖θ‖ does, module docstring), so the
+    distance of their logarithms to the level's. +inf where undefined (L ≥ 1 or t = 0)."""
+    log_loss, log1p_t = problem.log_loss(state[0]), problem.log1p_t(state)
+    below_1 = log_loss < 0
+    log_l = lambda v: jnp.log(jnp.where(below_1, -v, 1.0))
+    by_loss = jnp.where(below_1, log_l(problem.log_target) - log_l(log_loss), jnp.inf)
+    t_max = problem.log1p_t_max
+    timed = jnp.isfinite(t_max) & (log1p_t > 0)
+    log_t = lambda v: jnp.log(jnp.where(timed, v, 1.0))
+    by_time = jnp.where(timed, log_t(t_max) - log_t(log1p_t), jnp.inf)
+    return jnp.minimum(by_loss, by_time)
+
+
+#: Landing steps `_LandingController` takes for one crossing before it accepts an overshooting
+#: step as it is (each is one solver step; landing takes ~2-6).
+LANDING_STEPS = 30
+
+
+class _LandingController(dfx.AbstractAdaptiveStepSizeController):
+    """`controller` (adaptive: it judges every step's error), landing a warped-time solve on
+    its stopping rule (`_stop`, `_stop_gap` of the `MarginFlowProblem` in `args`) instead of at
+    the end of the step that crosses it: late steps span several per cent of log L, and
+    `until_loss = 1e-100` had stopped at L = 1e-104 (a record level's segment likewise).
+
+    A step the controller accepts but which crosses the rule by more than
+    `1000 ε (1 + |level|)` in the gap is rejected, and the crossing is bracketed between the
+    current state (gap > 0) and that step's end (gap < 0). Further steps go where the gap's
+    secant through the bracket vanishes (regula falsi, with the Anderson–Björck scaling of an end
+    kept twice): one that falls short is accepted as an ordinary, shorter step and becomes the
+    bracket's lower end, one that crosses again is rejected and becomes its upper end, one
+    within the tolerance is accepted and ends the solve (diffrax's event). Every step taken is
+    one the controller accepted, no longer than one it accepted before: landing costs a few
+    solver steps and no accuracy. After `LANDING_STEPS` the crossing step is accepted as it is."""
+
+    controller: dfx.AbstractAdaptiveStepSizeController
+
+    @property
+    def rtol(self):
+        return self.controller.rtol
+
+    @property
+    def atol(self):
+        return self.controller.atol
+
+    @property
+    def norm(self):  # pyright: ignore[reportIncompatibleMethodOverride]
+        return self.controller.norm
+
+    def wrap(self, direction):
+        return eqx.tree_at(lambda c: c.controller, self, self.controller.wrap(direction))
+
+    def init(self, terms, t0, t1, y0, dt0, args, func, error_order):
+        t1, inner = self.controller.init(terms, t0, t1, y0, dt0, args, func, error_order)
+        nan = jnp.full_like(jnp.asarray(t1, jnp.result_type(t1)), jnp.nan)
+        zero = jnp.zeros((), jnp.int32)
+        # (the controller's state, the bracket's upper end (time, gap), the end replaced last
+        # (+1 upper, -1 lower, 0 none), landing steps taken)
+        return t1, (inner, nan, nan, zero, zero)
+
+    def adapt_step_size(self, t0, t1, y0, y1_candidate, args, y_error, error_order, controller_state):
+        inner, t_hi, g_hi, side, count = controller_state
+        keep, next_t0, next_t1, made_jump, new_inner, result = self.controller.adapt_step_size(
+            t0, t1, y0, y1_candidate, args, y_error, error_order, inner)
+        tol = _stop_tolerance(args)
+        g0, g1 = _stop_gap(args, y0), _stop_gap(args, y1_candidate)
+        # The secant's coordinate: `_secant_gap` where defined at both ends, else the gap itself.
+        s0, s1 = _secant_gap(args, y0), _secant_gap(args, y1_candidate)
+        plain = ~(jnp.isfinite(s0) & jnp.isfinite(s1))
+        s0, s1 = jnp.where(plain, g0, s0), jnp.where(plain, g1, s1)
+        landing = (t0 < t_hi) & (count < LANDING_STEPS)  # a crossing is bracketed ahead of t0
+        crossed = keep & (g0 > tol) & (g1 < -tol) & (count < LANDING_STEPS)
+        short = keep & landing & (g1 > tol)
+        # Anderson–Björck: an end kept twice in a row has its gap scaled by 1 − (new/old gap at
+        # the other end), or halved where that is not positive (Illinois).
+        scale = lambda new, old: jnp.where(1 - new / old > 0, 1 - new / old, 0.5)
+        s0 = jnp.where(crossed & (side == 1), scale(s1, g_hi) * s0, s0)
+        g_hi = jnp.where(short & (side == -1), scale(s1, s0) * g_hi, g_hi)
+
+        def secant(ta, ga, tb, gb):
+            h = (tb - ta) * ga / (ga - gb)
+            return ta + jnp.clip(h, 1e-9 * (tb - ta), (1 - 1e-9) * (tb - ta))
+
+        keep = keep & ~crossed
+        next_t0 = jnp.where(crossed, t0, next_t0)
+        next_t1 = jnp.where(short, secant(t1, s1, t_hi, g_hi), next_t1)
+        next_t1 = jnp.where(crossed, secant(t0, s0, t1, s1), next_t1)
+        new_inner = jax.tree_util.tree_map(lambda a, b: jnp.where(crossed, a, b), inner, new_inner)
+        # Landed (accepted within the tolerance, or at the last landing step), or no crossing:
+        # the bracket is cleared; else it follows the replaced end (`g_hi` in secant coordinates).
+        active = crossed | short | (landing & ~keep)
+        t_hi = jnp.where(crossed, t1, jnp.where(active, t_hi, jnp.nan))
+        g_hi = jnp.where(crossed, s1, jnp.where(active, g_hi, jnp.nan))
+        side = jnp.where(crossed, 1, jnp.where(short, -1, jnp.where(active, side, 0)))
+        count = jnp.where(crossed | short, count + 1, jnp.where(active, count, 0))
+        return keep, next_t0, next_t1, made_jump, (new_inner, t_hi, g_hi, side, count), result
+
+
 def _stop(tau, state, problem: MarginFlowProblem, **kwargs):
-    return (problem.log_loss(state[0]) <= problem.log_target) | (problem.log1p_t(state) >= problem.log1p_t_max)
+    return _stop_gap(problem, state) <= _stop_tolerance(problem)
 
 
 def _layer_alignment(net: AbstractNetwork):
@@ -276,8 +391,10 @@ def margin_flow(
     max_steps: int = 4096,
     throw: bool = True,
 ) -> MarginFlowSolution:
-    """Solve the gradient flow of a margin loss on ±1 labels until `L ≤ until_loss`
-    or `t ≥ until_time`, recording diagnostics at intermediate loss levels.
+    """Solve the gradient flow of a margin loss on ±1 labels until `L = until_loss` or
+    `t = until_time`, whichever comes first, recording diagnostics at intermediate loss
+    levels. The solve lands on each level and on the time to `1000 ε (1 + |level|)` in log L or
+    log(1 + t) (`_LandingController`), rather than at the end of the step that crosses it.
 
     **Arguments:**
 
@@ -363,8 +480,7 @@ def _margin_flow(net, X, y, loss, solver, rtol, atol, log_levels, log1p_t_max, m
     def segment(carry, log_level):
         state, tau, steps, rejected, result = carry
         prob = eqx.tree_at(lambda p: p.log_target, problem, log_level)
-        done = (prob.log_loss(state[0]) <= log_level) | (prob.log1p_t(state) >= log1p_t_max) | (
-            result != RESULTS.successful)
+        done = _stop(tau, state, prob) | (result != RESULTS.successful)
         sol = dfx.diffeqsolve(
             dfx.ODETerm(prob.vector_field),
             solver,
@@ -373,7 +489,7 @@ def _margin_flow(net, X, y, loss, solver, rtol, atol, log_levels, log1p_t_max, m
             dt0=None,
             y0=state,
             args=prob,
-            stepsize_controller=dfx.PIDController(rtol=rtol, atol=atol),
+            stepsize_controller=_LandingController(dfx.PIDController(rtol=rtol, atol=atol)),
             event=dfx.Event(_stop),
             saveat=dfx.SaveAt(t1=True),
             max_steps=max_steps,
@@ -399,7 +515,7 @@ def _margin_flow(net, X, y, loss, solver, rtol, atol, log_levels, log1p_t_max, m
     log1p_t = problem.log1p_t(state)
     final = eqx.combine(params_end, frozen)
     log_loss = problem.log_loss(params_end)
-    reached = (log_loss <= log_levels[-1]) | (log1p_t >= log1p_t_max)
+    reached = _stop(tau, state, problem)  # within `_stop_tolerance` of the level or horizon
     result = RESULTS.where((result == RESULTS.successful) & ~reached, RESULTS.not_converged, result)
     flat, _ = ravel_pytree(params_end)
     finite = jnp.all(jnp.isfinite(flat)) & jnp.isfinite(log_loss)
