@@ -263,7 +263,7 @@ def moroshko(out, *, samples=20, dim=40, n_alpha=14, alpha_range=(1e-12, 10.0),
     levels = ds["level"].values
     for k, lev in enumerate(levels):
         c = cmap(k / max(len(levels) - 1, 1))
-        lab = rf"$L \approx 10^{{{lev:g}}}$"
+        lab = rf"$L = 10^{{{lev:g}}}$"  # margin_flow lands on each level
         axes[0].plot(alphas, ds["l1_gap"].isel(level=k), "o-", ms=3, color=c, label=lab)
         axes[1].plot(alphas, ds["l2_gap"].isel(level=k), "o-", ms=3, color=c, label=lab)
         axes[2].plot(ds["mu"].isel(level=k), ds["l1_gap"].isel(level=k), "o", ms=3, color=c, label=lab)
