@@ -455,7 +455,7 @@ def margin_flow(
 def _margin_flow(net, X, y, loss, solver, rtol, atol, log_levels, log1p_t_max, max_steps, throw, checks):
     """The jitted body of `margin_flow` (`checks`: static, False when traced inside
     `_checks.host_validated()`: the caller checked X finite and y in {-1, +1} on the host)."""
-    X, y = check_data(net, X, y, checks)
+    net, X, y = check_data(net, X, y, checks)
     if not isinstance(loss, AbstractMarginLoss):
         raise TypeError(f"margin_flow needs a margin loss (exp or logistic), got {type(loss).__name__}")
     y = value_check(y, ~jnp.all(jnp.abs(y) == 1), "classification labels y must be +1 or -1", checks)

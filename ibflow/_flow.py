@@ -327,15 +327,21 @@ def gauss_newton_factor(network, params, X, left):
 
 def check_data(net: AbstractNetwork, X, y, checks: bool = True):
     """Trace-time shape checks of (X, y) against `net` and a value check that X is finite
-    (`checks=False`: a caller that checked it on the host, see `_checks`); returns them as
-    arrays. Callers check y (finite, or ±1 for classification)."""
-    X = jnp.asarray(X)
-    y = jnp.asarray(y)
+    (`checks=False`: a caller that checked it on the host, see `_checks`); returns `(net, X, y)`
+    with every floating array of the three in the working precision `jnp.result_type(float)`
+    (float64 unless x64 is off), so mixed float32/float64 inputs are promoted rather than
+    meeting in the solver (`margin_flow` and `train` had failed on a float32 network with
+    float64 data: "carry input and carry output must have equal types"). Callers check y
+    (finite, or ±1 for classification)."""
+    dtype = jnp.result_type(float)
+    X = jnp.asarray(X, dtype)
+    y = jnp.asarray(y, dtype)
     if X.ndim != 2 or y.ndim != 1 or X.shape[0] != y.shape[0]:
         raise ValueError(f"X must be (N, d) and y (N,) with the same N; got {X.shape} and {y.shape}")
     if X.shape[1] != net.dim:
         raise ValueError(f"X has d = {X.shape[1]} columns but the network has input dimension {net.dim}")
-    return value_check(X, ~jnp.all(jnp.isfinite(X)), "X contains NaN or inf", checks), y
+    net = jax.tree_util.tree_map(lambda a: a.astype(dtype) if eqx.is_inexact_array(a) else a, net)
+    return net, value_check(X, ~jnp.all(jnp.isfinite(X)), "X contains NaN or inf", checks), y
 
 
 def invariant_drift(net0: AbstractNetwork, net1: AbstractNetwork, scale=None):
@@ -617,7 +623,7 @@ def _gradient_flow(net, X, y, loss, solver, rtol, atol, loss_rtol, t_max, dt0, m
                    throw, checks):
     """The jitted body of `gradient_flow` (tolerances arrive as arrays; `checks`: static, False
     when traced inside `_checks.host_validated()`)."""
-    X, y = check_data(net, X, y, checks)
+    net, X, y = check_data(net, X, y, checks)
     if solver is None:
         # The working precision, as for the tolerances: with x64 on, float32 inputs are
         # promoted and the flow runs in float64, where order 8 is the right choice (measured on

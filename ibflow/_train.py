@@ -231,7 +231,7 @@ def train(
 @eqx.filter_jit
 def _train(net, X, y, loss, optimizer, step_size, momentum, batch_size, key, label_noise, loss_rtol, max_steps,
            sharpness_every, lanczos_iters, history, reference_sharpness, divergence_factor, throw, checks):
-    X, y = check_data(net, X, y, checks)  # checks: static, see `_checks`
+    net, X, y = check_data(net, X, y, checks)  # checks: static, see `_checks`
     N = X.shape[0]
     if batch_size is not None and not 1 <= batch_size <= N:
         raise ValueError(f"batch_size must lie in [1, N = {N}], got {batch_size}")

@@ -1,5 +1,6 @@
 """Run-time value checks and the host-validated mode (`ibflow._checks`)."""
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -80,3 +81,24 @@ def test_sweep_chunk_program_has_no_host_callback(small, kind):
     text = solve.lower(z + 0.1, z, jnp.zeros(2, int), z, X, y).as_text()
     assert "callback" not in text
     assert "custom_call" in text or "dot_general" in text  # a real program was lowered
+
+
+def test_mixed_precision_inputs_are_promoted(small):
+    """A float32 network with float64 data (or the reverse) runs in the working precision: the
+    same limits as the same values given in float64 (to the solver's tolerance: the programs
+    compile apart, and the float32-data one differed by 1e-12). `margin_flow` and `train` used
+    to fail inside the solver on such inputs ("carry input and carry output must have equal
+    types")."""
+    X, y = small
+    cast = lambda dtype: lambda tree: jax.tree_util.tree_map(
+        lambda a: a.astype(dtype) if eqx.is_inexact_array(a) else a, tree)
+    f32, f64 = cast(jnp.float32), cast(jnp.float64)
+    net = ib.fully_connected_init(0.5, 0.2, X.shape[1], width=2, key=jax.random.key(0))
+    runs = [(lambda n, X, y: ib.gradient_flow(n, X, y), y),
+            (lambda n, X, y: ib.margin_flow(n, X, y, until_loss=1e-20), jnp.sign(y)),
+            (lambda n, X, y: ib.train(n, X, y, step_size=1e-2), y)]
+    for run, target in runs:
+        for args in ((f32(net), X, target), (net, f32(X), f32(target))):
+            out, ref = run(*args), run(*f64(args))
+            assert out.status == ref.status == "converged" and out.predictor.dtype == jnp.float64
+            np.testing.assert_allclose(out.predictor, ref.predictor, rtol=1e-9, atol=1e-12)
