@@ -83,9 +83,9 @@ def build_parser():
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--init", default=None, help="P.npz of initial parameters")
     run.add_argument("--loss", default="square", choices=["square", "exp", "logistic"])
-    run.add_argument("--until-loss", default="1e-100",
-                     help="classification: stop at this loss level (any decimal, e.g. 1e-100 or 1e-5000)")
-    run.add_argument("--until-time", type=float, default=float("inf"),
+    run.add_argument("--until-loss", default=None,
+                     help="classification: stop at this loss level (default 1e-100; any decimal, e.g. 1e-5000)")
+    run.add_argument("--until-time", type=float, default=None,
                      help="classification: or at this gradient-flow time, if reached first")
     run.add_argument("--optimizer", default=None, choices=["gd", "sgd", "momentum", "adam"],
                      help="train with a discrete optimiser instead of solving the flow")
@@ -187,6 +187,8 @@ def cmd_run(args) -> int:
     net0 = _initial_network(args, X.shape[1])
     if args.potential is not None and not args.certify:
         raise InputError("--potential needs --certify")
+    if args.loss == "square" and (args.until_loss is not None or args.until_time is not None):
+        raise InputError("--until-loss/--until-time need --loss exp|logistic (the square loss stops at --loss-rtol)")
     if args.optimizer is not None:
         return _run_optimizer(args, data, net0)
     if args.step_size is not None or args.batch_size is not None:
@@ -428,9 +430,10 @@ def _run_margin(args, data, net0) -> int:
     if args.potential not in (None, "implicit") + MARGIN_PROBLEMS:
         raise InputError(f"--potential for classification must be one of {', '.join(MARGIN_PROBLEMS)}, "
                          f"got {args.potential!r}")
-    log_stop = _log_level(args.until_loss)
-    if not args.until_time > 0:
-        raise InputError(f"--until-time must be positive, got {args.until_time}")
+    log_stop = _log_level("1e-100" if args.until_loss is None else args.until_loss)
+    until_time = float("inf") if args.until_time is None else args.until_time
+    if not until_time > 0:
+        raise InputError(f"--until-time must be positive, got {until_time}")
     try:
         check_separable(X, y)
     except NotSeparableError as e:
@@ -443,9 +446,9 @@ def _run_margin(args, data, net0) -> int:
 
     def solve(net, X, y):  # X finite (`load_data`) and y in {-1, +1} (above), checked on the host
         return margin_flow(net, X, y, loss=loss_by_name(args.loss), log_until_loss=log_stop,
-                           until_time=args.until_time, max_steps=args.max_steps, throw=False)
+                           until_time=until_time, max_steps=args.max_steps, throw=False)
 
-    sol = _kept_flow("margin_flow", solve, (args.loss, log_stop, args.until_time, args.max_steps), net0, X, y)
+    sol = _kept_flow("margin_flow", solve, (args.loss, log_stop, until_time, args.max_steps), net0, X, y)
     jax.block_until_ready(sol.predictor)
     wall = time.perf_counter() - t0
     w = np.asarray(sol.predictor)

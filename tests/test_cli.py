@@ -131,6 +131,9 @@ def test_run_certify_not_applicable(files, tmp_path, capsys):
     (["--data", "{p}/d.npz", "--net", "linear", "--init", "{p}/fc.npz"], "'w'"),
     (["--data", "{p}/d.npz", "--net", "diagonal", "--init", "{p}/diagonal.npz", "--depth", "2"], "depth"),
     (["--data", "{p}/d.npz", "--net", "diagonal", "--alpha", "1", "--depth", "1"], "depth"),
+    # Classification-only stopping options with the square loss would be silently ignored.
+    (["--data", "{p}/d.npz", "--net", "diagonal", "--alpha", "1", "--until-loss", "1e-50"], "--until-loss"),
+    (["--data", "{p}/d.npz", "--net", "diagonal", "--alpha", "1", "--until-time", "10"], "--until-time"),
 ])
 def test_bad_input_one_line(files, tmp_path, capsys, args, needle):
     p, _ = files
