@@ -131,11 +131,26 @@ def _across_kinks(net: LeakyReLUNeuron, X, y, loss: AbstractMarginLoss, solver, 
             stats["num_rejected_steps"].astype(jnp.int32), result)
 
 
-def _stop_gap(problem: MarginFlowProblem, state):
-    """Positive before the stopping rule holds, ≤ `_stop_tolerance` once it does: the smaller of
-    `log L − log_target` and `log(1+t_max) − log(1+t)`."""
-    by_loss = problem.log_loss(state[0]) - problem.log_target
-    return jnp.minimum(by_loss, problem.log1p_t_max - problem.log1p_t(state))
+def _stop_gaps(problem: MarginFlowProblem, state):
+    """`(gap, secant_gap)` of `state` to the stopping rule, from one evaluation of log L.
+
+    `gap`: positive before the rule holds, ≤ `_stop_tolerance` once it does; the smaller of
+    `log L − log_target` and `log(1+t_max) − log(1+t)`.
+    `secant_gap`: the same in coordinates where it runs about linearly in warped time late in
+    the flow: `log(1/L)` and `log(1+t)` grow about exponentially in τ (‖θ‖ does, module
+    docstring), so the distance of their logarithms to the level's; +inf where undefined
+    (L ≥ 1 or t = 0)."""
+    log_loss = problem.log_loss(state[0])
+    log1p_t = state[1] - log_loss  # `MarginFlowProblem.log1p_t`
+    t_max = problem.log1p_t_max
+    gap = jnp.minimum(log_loss - problem.log_target, t_max - log1p_t)
+    below_1 = log_loss < 0
+    log_l = lambda v: jnp.log(jnp.where(below_1, -v, 1.0))
+    by_loss = jnp.where(below_1, log_l(problem.log_target) - log_l(log_loss), jnp.inf)
+    timed = jnp.isfinite(t_max) & (log1p_t > 0)
+    log_t = lambda v: jnp.log(jnp.where(timed, v, 1.0))
+    by_time = jnp.where(timed, log_t(t_max) - log_t(log1p_t), jnp.inf)
+    return gap, jnp.minimum(by_loss, by_time)
 
 
 def _stop_tolerance(problem: MarginFlowProblem):
@@ -147,21 +162,6 @@ def _stop_tolerance(problem: MarginFlowProblem):
     return 1000 * jnp.finfo(jnp.result_type(level)).eps * (1 + level)
 
 
-def _secant_gap(problem: MarginFlowProblem, state):
-    """`_stop_gap` in coordinates where it runs about linearly in warped time late in the flow:
-    `log(1/L)` and `log(1+t)` grow about exponentially in τ (‖θ‖ does, module docstring), so the
-    distance of their logarithms to the level's. +inf where undefined (L ≥ 1 or t = 0)."""
-    log_loss, log1p_t = problem.log_loss(state[0]), problem.log1p_t(state)
-    below_1 = log_loss < 0
-    log_l = lambda v: jnp.log(jnp.where(below_1, -v, 1.0))
-    by_loss = jnp.where(below_1, log_l(problem.log_target) - log_l(log_loss), jnp.inf)
-    t_max = problem.log1p_t_max
-    timed = jnp.isfinite(t_max) & (log1p_t > 0)
-    log_t = lambda v: jnp.log(jnp.where(timed, v, 1.0))
-    by_time = jnp.where(timed, log_t(t_max) - log_t(log1p_t), jnp.inf)
-    return jnp.minimum(by_loss, by_time)
-
-
 #: Landing steps `_LandingController` takes for one crossing before it accepts an overshooting
 #: step as it is (each is one solver step; landing takes ~2-6).
 LANDING_STEPS = 30
@@ -169,7 +169,7 @@ LANDING_STEPS = 30
 
 class _LandingController(dfx.AbstractAdaptiveStepSizeController):
     """`controller` (adaptive: it judges every step's error), landing a warped-time solve on
-    its stopping rule (`_stop`, `_stop_gap` of the `MarginFlowProblem` in `args`) instead of at
+    its stopping rule (`_stop`, `_stop_gaps` of the `MarginFlowProblem` in `args`) instead of at
     the end of the step that crosses it: late steps span several per cent of log L, and
     `until_loss = 1e-100` had stopped at L = 1e-104 (a record level's segment likewise).
 
@@ -204,18 +204,17 @@ class _LandingController(dfx.AbstractAdaptiveStepSizeController):
         t1, inner = self.controller.init(terms, t0, t1, y0, dt0, args, func, error_order)
         nan = jnp.full_like(jnp.asarray(t1, jnp.result_type(t1)), jnp.nan)
         zero = jnp.zeros((), jnp.int32)
-        # (the controller's state, the bracket's upper end (time, gap), the end replaced last
+        # (the controller's state, the bracket's upper end (time, secant gap), the end replaced last
         # (+1 upper, -1 lower, 0 none), landing steps taken)
         return t1, (inner, nan, nan, zero, zero)
 
     def adapt_step_size(self, t0, t1, y0, y1_candidate, args, y_error, error_order, controller_state):
-        inner, t_hi, g_hi, side, count = controller_state
+        inner, t_hi, s_hi, side, count = controller_state
         keep, next_t0, next_t1, made_jump, new_inner, result = self.controller.adapt_step_size(
             t0, t1, y0, y1_candidate, args, y_error, error_order, inner)
         tol = _stop_tolerance(args)
-        g0, g1 = _stop_gap(args, y0), _stop_gap(args, y1_candidate)
-        # The secant's coordinate: `_secant_gap` where defined at both ends, else the gap itself.
-        s0, s1 = _secant_gap(args, y0), _secant_gap(args, y1_candidate)
+        (g0, s0), (g1, s1) = _stop_gaps(args, y0), _stop_gaps(args, y1_candidate)
+        # The secant's coordinate: the secant gap where defined at both ends, else the gap itself.
         plain = ~(jnp.isfinite(s0) & jnp.isfinite(s1))
         s0, s1 = jnp.where(plain, g0, s0), jnp.where(plain, g1, s1)
         landing = (t0 < t_hi) & (count < LANDING_STEPS)  # a crossing is bracketed ahead of t0
@@ -224,8 +223,8 @@ class _LandingController(dfx.AbstractAdaptiveStepSizeController):
         # Anderson–Björck: an end kept twice in a row has its gap scaled by 1 − (new/old gap at
         # the other end), or halved where that is not positive (Illinois).
         scale = lambda new, old: jnp.where(1 - new / old > 0, 1 - new / old, 0.5)
-        s0 = jnp.where(crossed & (side == 1), scale(s1, g_hi) * s0, s0)
-        g_hi = jnp.where(short & (side == -1), scale(s1, s0) * g_hi, g_hi)
+        s0 = jnp.where(crossed & (side == 1), scale(s1, s_hi) * s0, s0)
+        s_hi = jnp.where(short & (side == -1), scale(s1, s0) * s_hi, s_hi)
 
         def secant(ta, ga, tb, gb):
             h = (tb - ta) * ga / (ga - gb)
@@ -233,21 +232,21 @@ class _LandingController(dfx.AbstractAdaptiveStepSizeController):
 
         keep = keep & ~crossed
         next_t0 = jnp.where(crossed, t0, next_t0)
-        next_t1 = jnp.where(short, secant(t1, s1, t_hi, g_hi), next_t1)
+        next_t1 = jnp.where(short, secant(t1, s1, t_hi, s_hi), next_t1)
         next_t1 = jnp.where(crossed, secant(t0, s0, t1, s1), next_t1)
         new_inner = jax.tree_util.tree_map(lambda a, b: jnp.where(crossed, a, b), inner, new_inner)
         # Landed (accepted within the tolerance, or at the last landing step), or no crossing:
-        # the bracket is cleared; else it follows the replaced end (`g_hi` in secant coordinates).
+        # the bracket is cleared; else it follows the replaced end.
         active = crossed | short | (landing & ~keep)
         t_hi = jnp.where(crossed, t1, jnp.where(active, t_hi, jnp.nan))
-        g_hi = jnp.where(crossed, s1, jnp.where(active, g_hi, jnp.nan))
+        s_hi = jnp.where(crossed, s1, jnp.where(active, s_hi, jnp.nan))
         side = jnp.where(crossed, 1, jnp.where(short, -1, jnp.where(active, side, 0)))
         count = jnp.where(crossed | short, count + 1, jnp.where(active, count, 0))
-        return keep, next_t0, next_t1, made_jump, (new_inner, t_hi, g_hi, side, count), result
+        return keep, next_t0, next_t1, made_jump, (new_inner, t_hi, s_hi, side, count), result
 
 
 def _stop(tau, state, problem: MarginFlowProblem, **kwargs):
-    return _stop_gap(problem, state) <= _stop_tolerance(problem)
+    return _stop_gaps(problem, state)[0] <= _stop_tolerance(problem)
 
 
 def _layer_alignment(net: AbstractNetwork):
@@ -363,6 +362,10 @@ def relu_cannot_separate(net: AbstractNetwork, y) -> bool:
     return bool(np.any(y > 0) and np.any(y < 0))
 
 
+#: `margin_flow`'s stopping loss level unless one is given (also `ibflow run --until-loss`'s).
+DEFAULT_UNTIL_LOSS = 1e-100
+
+
 def default_record_exponents(stop_exponent: float) -> list[float]:
     """Exponents k = 1, 2, 5, 10, 20, 50, … below `stop_exponent` (levels L = 10^{-k})."""
     out, base = [], 1.0
@@ -380,7 +383,7 @@ def margin_flow(
     y,
     *,
     loss: AbstractMarginLoss = ExponentialLoss(),
-    until_loss: float = 1e-100,
+    until_loss: float = DEFAULT_UNTIL_LOSS,
     until_time: float = jnp.inf,
     record_losses=None,
     log_until_loss: float | None = None,

@@ -418,7 +418,7 @@ def _log_level(text):
 def _run_margin(args, data, net0) -> int:
     import jax
 
-    from ._classify import _RELU_ONE_SIGN, margin_flow, relu_cannot_separate
+    from ._classify import _RELU_ONE_SIGN, DEFAULT_UNTIL_LOSS, margin_flow, relu_cannot_separate
     from ._losses import loss_by_name
     from ._margin import NotSeparableError, check_separable
 
@@ -430,7 +430,7 @@ def _run_margin(args, data, net0) -> int:
     if args.potential not in (None, "implicit") + MARGIN_PROBLEMS:
         raise InputError(f"--potential for classification must be one of {', '.join(MARGIN_PROBLEMS)}, "
                          f"got {args.potential!r}")
-    log_stop = _log_level("1e-100" if args.until_loss is None else args.until_loss)
+    log_stop = _log_level(str(DEFAULT_UNTIL_LOSS) if args.until_loss is None else args.until_loss)
     until_time = float("inf") if args.until_time is None else args.until_time
     if not until_time > 0:
         raise InputError(f"--until-time must be positive, got {until_time}")
