@@ -343,7 +343,8 @@ def _run_optimizer(args, data, net0) -> int:
     # the flow's traced program is kept too (`_run_flow`).
     flow = _run_flow(net0, X, y, args)
     flow_ok = flow.status == "converged"
-    flow_sharp = float(sharpness(flow.network, X, y)) if flow_ok else None
+    flow_sharp, flow_sharp_residual = ((float(v) for v in sharpness(flow.network, X, y, with_residual=True))
+                                       if flow_ok else (None, None))
     t0 = time.perf_counter()
     with host_validated():
         sol = train(net0, X, y, optimizer=args.optimizer, step_size=args.step_size, batch_size=args.batch_size,
@@ -375,6 +376,7 @@ def _run_optimizer(args, data, net0) -> int:
         invariant_drift=float(sol.invariant_drift),
         flow_status=flow.status,
         flow_sharpness=flow_sharp,
+        flow_sharpness_residual=flow_sharp_residual,
         flow_distance=(float(np.linalg.norm(w - np.asarray(flow.predictor)) / np.linalg.norm(np.asarray(flow.predictor)))
                        if flow_ok else None),
         status=sol.status,

@@ -31,19 +31,41 @@ from ._results import RESULTS, status_word
 OPTIMIZERS = ("gd", "sgd", "momentum", "adam")
 
 
-def lanczos_top_eigenvalue(hvp, dim: int, key, num_iters: int = 30):
-    """Largest eigenvalue of the symmetric operator `hvp` (R^dim → R^dim) by `num_iters`
-    Lanczos iterations with full reorthogonalisation (exact once `num_iters ≥ dim`, up to
-    round-off). Returns `(λ_max, λ_min of the Krylov space)`."""
+#: Relative Ritz residual at which `sharpness` stops its Lanczos iteration (see `lanczos_top_eigenvalue`).
+SHARPNESS_RTOL = 1e-10
+#: Most Lanczos iterations `sharpness` takes (capped at the number of parameters, where Lanczos is exact).
+SHARPNESS_MAX_ITERS = 300
+
+
+def lanczos_top_eigenvalue(hvp, dim: int, key, num_iters: int = 30, rtol: float = 0.0):
+    """Largest eigenvalue of the symmetric operator `hvp` (R^dim → R^dim) by Lanczos iteration
+    with full reorthogonalisation. Returns `(λ_max, λ_min of the Krylov space)`.
+
+    `rtol = 0`: exactly `min(num_iters, dim)` iterations (exact once `num_iters ≥ dim`, up to
+    round-off; fewer can be far off when the top of the spectrum is clustered: 1e-5–1e-4
+    relative after 30 iterations on diagonal nets with P = 400–800 parameters, twenty-fourth
+    session). `rtol > 0` (static): after each iteration the top Ritz pair `(θ, V s)` of the
+    k×k Lanczos matrix T_k gets its residual `‖H V s − θ V s‖ = β_k |s_k|` (Parlett, *The
+    Symmetric Eigenvalue Problem*, §13.2; `s` from the three-term recurrence of T_k run from
+    its last row, `_ritz_last_component`), and the iteration stops once it is
+    `≤ rtol·|θ|`: an eigenvalue of H then lies within `rtol·|θ|` of θ (Weyl/Bauer–Fike for
+    symmetric operators), and within `(rtol·θ)²/gap` in practice. It also stops at an
+    invariant subspace (β_k = 0) or after `min(num_iters, dim)` iterations, whichever is
+    first. jit/vmap-safe (a vmapped call iterates until its last member stops)."""
+    return _lanczos(hvp, dim, key, num_iters, rtol)[:2]
+
+
+def _lanczos(hvp, dim: int, key, num_iters: int = 30, rtol: float = 0.0):
+    """`lanczos_top_eigenvalue` and the top Ritz pair's residual `‖H u − λ_max u‖` (u the Ritz
+    vector; an eigenvalue of H lies within it): `(λ_max, λ_min, residual)`."""
     k = min(num_iters, dim)
     v0 = jax.random.normal(key, (dim,))
     v0 = v0 / jnp.linalg.norm(v0)
-    V = jnp.zeros((k + 1, dim)).at[0].set(v0)
-    alphas = jnp.zeros(k)
-    betas = jnp.zeros(k)
+    V = jnp.zeros((k + 1, dim), v0.dtype).at[0].set(v0)
+    alphas = jnp.zeros(k, v0.dtype)
+    betas = jnp.zeros(k, v0.dtype)
 
-    def body(i, carry):
-        V, alphas, betas = carry
+    def lanczos_step(i, V, alphas, betas):
         v = V[i]
         w = hvp(v)
         a = jnp.dot(w, v)
@@ -53,35 +75,92 @@ def lanczos_top_eigenvalue(hvp, dim: int, key, num_iters: int = 30):
         b = jnp.linalg.norm(w)
         ok = b > 1e-12 * jnp.maximum(jnp.abs(a), 1.0)
         V = V.at[i + 1].set(jnp.where(ok, w / jnp.where(ok, b, 1.0), 0.0))
-        return V, alphas.at[i].set(a), betas.at[i].set(jnp.where(ok, b, 0.0))
+        return V, alphas.at[i].set(a), betas.at[i].set(jnp.where(ok, b, 0.0)), ok
 
-    V, alphas, betas = jax.lax.fori_loop(0, k, body, (V, alphas, betas))
-    return tridiagonal_extreme_eigenvalues(alphas, betas[:-1])
+    if rtol == 0:
+        def body(i, carry):
+            return lanczos_step(i, *carry)[:3]
+
+        V, alphas, betas = jax.lax.fori_loop(0, k, body, (V, alphas, betas))
+        # After an invariant subspace (β = 0) the rest of T is zeros: use the block before it.
+        size = jnp.where(jnp.any(betas == 0), jnp.argmax(betas == 0) + 1, k)
+    else:
+        def cond(carry):
+            i, _, _, _, done = carry
+            return (i < k) & ~done
+
+        def adaptive_body(carry):
+            i, V, alphas, betas, _ = carry
+            V, alphas, betas, ok = lanczos_step(i, V, alphas, betas)
+            theta, _ = tridiagonal_extreme_eigenvalues(alphas, betas[:-1], size=i + 1)
+            residual = betas[i] * _ritz_last_component(alphas, betas[:-1], theta, i + 1)
+            return i + 1, V, alphas, betas, ~ok | (residual <= rtol * jnp.abs(theta))
+
+        size, V, alphas, betas, _ = jax.lax.while_loop(cond, adaptive_body,
+                                                       (0, V, alphas, betas, jnp.zeros((), bool)))
+    top, bottom = tridiagonal_extreme_eigenvalues(alphas, betas[:-1], size=size)
+    residual = betas[size - 1] * _ritz_last_component(alphas, betas[:-1], top, size)
+    return top, bottom, residual
 
 
-def tridiagonal_extreme_eigenvalues(diag, offdiag, iters: int = 110):
+def _ritz_last_component(diag, offdiag, theta, size):
+    """`|s_{k−1}| / ‖s‖` for the eigenvector s of the leading `size` × `size` block T_k of the
+    symmetric tridiagonal (`diag`, `offdiag`) at its eigenvalue `theta`.
+
+    s is built from its last component by the rows of `(T_k − θ)s = 0` read upwards,
+    `s_{j−1} = ((θ − a_j) s_j − b_j s_{j+1}) / b_{j−1}` from `s_{k−1} = 1`, `s_k = 0`, rescaled
+    at every row (no overflow). Once a Ritz pair has converged its s decays along the Krylov
+    basis, so this recurrence runs in its growing, stable direction and gives the small
+    `|s_{k−1}|` to relative accuracy; before, the result is O(1) and only says "not yet".
+    The off-diagonal entries inside the block must be nonzero (Lanczos stops at a zero)."""
+    m = diag.shape[0]
+    b = jnp.concatenate([offdiag, jnp.zeros(1, diag.dtype)])  # b[j] couples rows j and j + 1
+    tiny = jnp.finfo(diag.dtype).tiny
+
+    def body(carry, j):
+        s_j, s_next, sumsq, last = carry
+        s_prev = ((theta - diag[j]) * s_j - b[j] * s_next) / b[j - 1]
+        scale = jnp.maximum(jnp.maximum(jnp.abs(s_prev), jnp.abs(s_j)), tiny)
+        s_prev, s_j = s_prev / scale, s_j / scale
+        new = (s_prev, s_j, sumsq / scale**2 + s_prev**2, last / scale)
+        active = j < size
+        return jax.tree_util.tree_map(lambda n, o: jnp.where(active, n, o), new, carry), None
+
+    one, zero = jnp.ones((), diag.dtype), jnp.zeros((), diag.dtype)
+    (_, _, sumsq, last), _ = jax.lax.scan(body, (one, zero, one, one), jnp.arange(m - 1, 0, -1))
+    return jnp.abs(last) / jnp.sqrt(sumsq)
+
+
+def tridiagonal_extreme_eigenvalues(diag, offdiag, iters: int = 110, size=None):
     """Largest and smallest eigenvalues of the symmetric tridiagonal matrix
     (`diag`, `offdiag`) by Sturm-sequence bisection (Wilkinson; Golub & Van Loan §8.4.1),
     to full float64 precision. Pure array operations: no LAPACK call inside the training
-    loop (batched LAPACK calls inside vmapped loops have hung XLA's CPU backend)."""
+    loop (batched LAPACK calls inside vmapped loops have hung XLA's CPU backend).
+    `size` (may be traced): use only the leading `size` × `size` block (default: all)."""
+    n = diag.shape[0]
+    index = jnp.arange(n)
+    if size is None:
+        size = n
+    else:
+        offdiag = jnp.where(index[:-1] < size - 1, offdiag, 0.0)
     b2 = jnp.concatenate([jnp.zeros(1, diag.dtype), offdiag**2])
     tiny = jnp.finfo(diag.dtype).tiny
 
     def count_below(x):
-        def body(carry, ab):
+        def body(carry, abj):
             d_prev, cnt = carry
-            a, bb = ab
+            a, bb, j = abj
             d = a - x - bb / d_prev
             d = jnp.where(d == 0, -tiny, d)
-            return (d, cnt + (d < 0)), None
+            return (d, cnt + ((d < 0) & (j < size))), None
 
-        (_, cnt), _ = jax.lax.scan(body, (jnp.ones((), diag.dtype), jnp.zeros((), jnp.int32)), (diag, b2))
+        (_, cnt), _ = jax.lax.scan(body, (jnp.ones((), diag.dtype), jnp.zeros((), jnp.int32)), (diag, b2, index))
         return cnt
 
     r = jnp.abs(jnp.concatenate([offdiag, jnp.zeros(1, diag.dtype)])) + jnp.abs(
         jnp.concatenate([jnp.zeros(1, diag.dtype), offdiag]))
-    lo0, hi0 = jnp.min(diag - r), jnp.max(diag + r)
-    n = diag.shape[0]
+    inside = index < size
+    lo0, hi0 = jnp.min(jnp.where(inside, diag - r, jnp.inf)), jnp.max(jnp.where(inside, diag + r, -jnp.inf))
 
     def bisect(pred):
         def body(_, lh):
@@ -93,22 +172,34 @@ def tridiagonal_extreme_eigenvalues(diag, offdiag, iters: int = 110):
         lo, hi = jax.lax.fori_loop(0, iters, body, (lo0, hi0))
         return 0.5 * (lo + hi)
 
-    top = bisect(lambda c: c >= n)  # smallest x with every eigenvalue below it
+    top = bisect(lambda c: c >= size)  # smallest x with every eigenvalue below it
     bottom = bisect(lambda c: c >= 1)  # smallest x with one eigenvalue below it
     return top, bottom
 
 
 @eqx.filter_jit
-def sharpness(net: AbstractNetwork, X, y, *, loss: AbstractLoss = SquareLoss(), key=None, num_iters: int = 30):
-    """`λ_max(∇²_θ L)` at `net` by Lanczos on Hessian-vector products. Jitted: an eager call
-    with new values of the same shapes reuses the compiled program (the Hessian-vector
-    closure made here would otherwise be compiled again on every call)."""
+def sharpness(net: AbstractNetwork, X, y, *, loss: AbstractLoss = SquareLoss(), key=None,
+              num_iters: int = SHARPNESS_MAX_ITERS, rtol: float = SHARPNESS_RTOL, with_residual: bool = False):
+    """`λ_max(∇²_θ L)` at `net` by Lanczos on Hessian-vector products (no dense Hessian).
+
+    Iterates until the top Ritz pair's residual is `≤ rtol·λ` (an eigenvalue of the Hessian
+    lies within that distance; see `lanczos_top_eigenvalue`), or for `num_iters` iterations
+    (at most the number of parameters P, where Lanczos is exact); `rtol = 0`: exactly
+    `min(num_iters, P)`. Checked against dense Hessians (`jax.hessian` + `eigvalsh`) on
+    diagonal, fully connected, convolutional and leaky-ReLU nets to ≤ 1e-8 relative, including
+    clustered spectra where 30 fixed iterations were 1e-4 off (tests). Memory:
+    `(num_iters + 1)·P` for the Krylov basis. Jitted: an eager call with new values of the same
+    shapes reuses the compiled program (the Hessian-vector closure made here would otherwise be
+    compiled again on every call). `with_residual=True`: `(λ, r)` with r the Ritz residual
+    `‖Hu − λu‖` (an eigenvalue of the Hessian lies within r of λ; above `rtol·λ` only if
+    `num_iters` ran out first)."""
     params, frozen = eqx.partition(net, net.trainable())
     flat, unravel = ravel_pytree(params)
     f = lambda v: loss(eqx.combine(unravel(v), frozen).outputs(X), y)
     hvp = lambda v: jax.jvp(jax.grad(f), (flat,), (v,))[1]
     key = jax.random.PRNGKey(0) if key is None else key
-    return lanczos_top_eigenvalue(hvp, flat.size, key, num_iters)[0]
+    top, _, residual = _lanczos(hvp, flat.size, key, num_iters, rtol)
+    return (top, residual) if with_residual else top
 
 
 def stability_bound(optimizer: str, step_size, momentum: float = 0.9):
@@ -205,7 +296,9 @@ def train(
       with label noise); the loss then never reaches 0 and the run ends at `max_steps`.
     - `loss_rtol`: stop when `L ≤ max(loss_rtol·L(θ₀), loss.floor(y))` (the flow's rule).
     - `sharpness_every`: steps between Lanczos sharpness measurements (`lanczos_iters`
-      iterations each); `history`: how many measurements are kept.
+      iterations each: a monitor); `history`: how many measurements are kept. The final
+      sharpness is computed as by `sharpness` (iterated to a 1e-10 relative Ritz residual, at
+      most max(`lanczos_iters`, 300) iterations).
     - `reference_sharpness`: sharpness of the minimum the run is meant to reach (e.g. the
       gradient flow's limit); above the stability bound the result is `unstable`: GD
       cannot converge to it.
@@ -253,9 +346,9 @@ def _train(net, X, y, loss, optimizer, step_size, momentum, batch_size, key, lab
     bound = stability_bound(optimizer, step_size, momentum)
     key, lkey = jax.random.split(key)
 
-    def sharp(flat):
+    def sharp(flat, iters=lanczos_iters, rtol=0.0):
         hvp = lambda v: jax.jvp(jax.grad(full), (flat,), (v,))[1]
-        return lanczos_top_eigenvalue(hvp, P, lkey, lanczos_iters)[0]
+        return lanczos_top_eigenvalue(hvp, P, lkey, iters, rtol)[0]
 
     def bad(L):
         return ~jnp.isfinite(L) | (L > divergence_factor * loss0)
@@ -307,7 +400,8 @@ def _train(net, X, y, loss, optimizer, step_size, momentum, batch_size, key, lab
              jnp.full(history, jnp.nan).at[0].set(s0))
     inner, hist, (_, smax) = jax.lax.while_loop(chunk_cond, chunk_body, (inner0, hist0, (jnp.ones((), jnp.int32), s0)))
     flat, _, _, L, steps, incs, _ = inner
-    final_sharp = jnp.where(bad(L), jnp.nan, sharp(flat))
+    # The final sharpness decides stability at the limit: Lanczos to its residual test (`sharpness`).
+    final_sharp = jnp.where(bad(L), jnp.nan, sharp(flat, max(lanczos_iters, SHARPNESS_MAX_ITERS), SHARPNESS_RTOL))
     smax = jnp.fmax(smax, final_sharp)
     converged = L <= target
     tol = 1 + 1e-8

@@ -19,7 +19,7 @@ from jax.flatten_util import ravel_pytree
 import ibflow as ib
 from ibflow._cli import main
 from ibflow._figures import step_size_slope
-from ibflow._train import lanczos_top_eigenvalue, sharpness, train
+from ibflow._train import _lanczos, lanczos_top_eigenvalue, sharpness, train
 
 
 def _problem(seed=0, N=6, d=12):
@@ -65,6 +65,51 @@ def test_lanczos_on_a_known_spectrum():
     A = (Q * ev) @ Q.T
     top, bottom = lanczos_top_eigenvalue(lambda v: A @ v, 40, jax.random.PRNGKey(0), 40)
     assert abs(top - 5.0) < 1e-10 and abs(bottom + 3.0) < 1e-10
+
+
+def _clustered_problem(N=60, d=150, spread=0.05, seed=3):
+    """Orthogonal rows of nearly equal norms: the top of the Hessian spectrum is a cluster, where
+    a fixed 30 Lanczos iterations stop 1e-5–1e-4 short (P = 4d = 600 parameters)."""
+    rng = np.random.default_rng(seed)
+    Q, _ = np.linalg.qr(rng.standard_normal((d, N)))
+    X = jnp.asarray((Q * (1 + spread * rng.uniform(0, 1, N))).T * np.sqrt(N))
+    return X, jnp.asarray(rng.standard_normal(N))
+
+
+def test_sharpness_iterates_to_its_tolerance_on_a_clustered_spectrum():
+    X, y = _clustered_problem()
+    net = ib.diagonal_init(1.0, 0.0, X.shape[1])
+    dense = _dense_top(net, X, y)
+    fixed30 = float(sharpness(net, X, y, num_iters=30, rtol=0.0))
+    assert abs(fixed30 - dense) > 1e-6 * dense  # the case is hard: the old fixed default missed it
+    lam, resid = sharpness(net, X, y, with_residual=True)
+    assert abs(float(lam) - dense) <= 1e-8 * dense
+    assert 0 <= float(resid) <= 1e-10 * dense
+    # vmapped over networks (the adaptive loop runs until its last member stops): the same values.
+    nets = jax.vmap(lambda c: eqx.tree_at(lambda n: n.plus, net, net.plus * c))(jnp.asarray([1.0, 0.9, 1.1]))
+    batched = jax.jit(jax.vmap(lambda n: sharpness(n, X, y)))(nets)
+    for b in range(3):
+        member = jax.tree_util.tree_map(lambda a: a[b], nets)
+        assert abs(float(batched[b]) - _dense_top(member, X, y)) <= 1e-8 * float(batched[b])
+
+
+def test_lanczos_residual_bounds_the_error():
+    # Known spectrum, a tight cluster on top: at every iteration count the reported Ritz residual
+    # bounds the distance to the true λ_max (Bauer–Fike for symmetric matrices) and shrinks; with
+    # rtol the iteration stops on it, within rtol of λ_max.
+    d = 300
+    ev = np.r_[np.linspace(0.0, 4.0, d - 4), 4.0 + 1e-3 * np.arange(1, 5)]
+    Q, _ = np.linalg.qr(np.random.default_rng(0).standard_normal((d, d)))
+    A = jnp.asarray((Q * ev) @ Q.T)
+    top_true = ev[-1]
+    previous = np.inf
+    for iters in (10, 30, 60, 120):
+        top, bottom, resid = (float(v) for v in _lanczos(lambda v: A @ v, d, jax.random.PRNGKey(1), iters))
+        assert top <= top_true + 1e-12 and top_true - top <= resid + 1e-12
+        assert resid < previous
+        previous = resid
+    top, _, resid = (float(v) for v in _lanczos(lambda v: A @ v, d, jax.random.PRNGKey(1), d, 1e-10))
+    assert abs(top - top_true) <= 1e-10 * top_true and resid <= 1e-10 * top
 
 
 @pytest.fixture(scope="module")
@@ -158,6 +203,7 @@ def test_cli_optimizer_and_step_size_sweep(tmp_path):
     assert r["optimizer"] == "gd" and r["status"] == "converged" and r["steps"] > 0
     assert 0 < r["max_sharpness"] < 2 / 0.05 and r["flow_distance"] < 1e-2
     S = r["flow_sharpness"]
+    assert 0 <= r["flow_sharpness_residual"] <= 1e-10 * S
     assert main(base + ["--optimizer", "gd", "--step-size", str(1.5 * 2 / S), "--max-steps", "20000",
                         "--out", str(out)]) == 1
     assert json.loads(out.read_text())["status"] == "unstable"
