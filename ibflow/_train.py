@@ -154,7 +154,8 @@ def tridiagonal_extreme_eigenvalues(diag, offdiag, iters: int = 110, size=None):
             d = jnp.where(d == 0, -tiny, d)
             return (d, cnt + ((d < 0) & (j < size))), None
 
-        (_, cnt), _ = jax.lax.scan(body, (jnp.ones((), diag.dtype), jnp.zeros((), jnp.int32)), (diag, b2, index))
+        init = (jnp.ones((), diag.dtype), jnp.zeros((), jnp.int32))
+        (_, cnt), _ = jax.lax.scan(body, init, (diag, b2, index))
         return cnt
 
     r = jnp.abs(jnp.concatenate([offdiag, jnp.zeros(1, diag.dtype)])) + jnp.abs(
@@ -179,7 +180,8 @@ def tridiagonal_extreme_eigenvalues(diag, offdiag, iters: int = 110, size=None):
 
 @eqx.filter_jit
 def sharpness(net: AbstractNetwork, X, y, *, loss: AbstractLoss = SquareLoss(), key=None,
-              num_iters: int = SHARPNESS_MAX_ITERS, rtol: float = SHARPNESS_RTOL, with_residual: bool = False):
+              num_iters: int = SHARPNESS_MAX_ITERS, rtol: float = SHARPNESS_RTOL,
+              with_residual: bool = False):
     """`λ_max(∇²_θ L)` at `net` by Lanczos on Hessian-vector products (no dense Hessian).
 
     Iterates until the top Ritz pair's residual is `≤ rtol·λ` (an eigenvalue of the Hessian
@@ -401,7 +403,8 @@ def _train(net, X, y, loss, optimizer, step_size, momentum, batch_size, key, lab
     inner, hist, (_, smax) = jax.lax.while_loop(chunk_cond, chunk_body, (inner0, hist0, (jnp.ones((), jnp.int32), s0)))
     flat, _, _, L, steps, incs, _ = inner
     # The final sharpness decides stability at the limit: Lanczos to its residual test (`sharpness`).
-    final_sharp = jnp.where(bad(L), jnp.nan, sharp(flat, max(lanczos_iters, SHARPNESS_MAX_ITERS), SHARPNESS_RTOL))
+    final_sharp = sharp(flat, max(lanczos_iters, SHARPNESS_MAX_ITERS), SHARPNESS_RTOL)
+    final_sharp = jnp.where(bad(L), jnp.nan, final_sharp)
     smax = jnp.fmax(smax, final_sharp)
     converged = L <= target
     tol = 1 + 1e-8
