@@ -48,8 +48,9 @@ def lanczos_top_eigenvalue(hvp, dim: int, key, num_iters: int = 30, rtol: float 
     k×k Lanczos matrix T_k gets its residual `‖H V s − θ V s‖ = β_k |s_k|` (Parlett, *The
     Symmetric Eigenvalue Problem*, §13.2; `s` from the three-term recurrence of T_k run from
     its last row, `_ritz_last_component`), and the iteration stops once it is
-    `≤ rtol·|θ|`: an eigenvalue of H then lies within `rtol·|θ|` of θ (Weyl/Bauer–Fike for
-    symmetric operators), and within `(rtol·θ)²/gap` in practice. It also stops at an
+    `≤ rtol·|θ|` (rtol raised to 100 ε of the working precision if below it): an eigenvalue of
+    H then lies within `rtol·|θ|` of θ (Weyl/Bauer–Fike for symmetric operators), and within
+    `(rtol·θ)²/gap` in practice. It also stops at an
     invariant subspace (β_k = 0) or after `min(num_iters, dim)` iterations, whichever is
     first. jit/vmap-safe (a vmapped call iterates until its last member stops)."""
     return _lanczos(hvp, dim, key, num_iters, rtol)[:2]
@@ -85,6 +86,9 @@ def _lanczos(hvp, dim: int, key, num_iters: int = 30, rtol: float = 0.0):
         # After an invariant subspace (β = 0) the rest of T is zeros: use the block before it.
         size = jnp.where(jnp.any(betas == 0), jnp.argmax(betas == 0) + 1, k)
     else:
+        # Below ~100 ε of |θ| the residual is round-off (float32: 1.2e-5): stop there at the latest.
+        rtol = max(rtol, 100 * float(jnp.finfo(v0.dtype).eps))
+
         def cond(carry):
             i, _, _, _, done = carry
             return (i < k) & ~done
