@@ -21,6 +21,7 @@ offers the choice (`cpu_xla_flags`): the same programs, compiled faster.
 
 import argparse
 import json
+import re
 import sys
 import time
 
@@ -622,9 +623,22 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def _attach_negative_values(argv):
+    """`--opt -0.5,0,0.5` → `--opt=-0.5,0,0.5`: argparse reads a lone negative number as a
+    value, but a list starting with one (a sweep's `--shape`) as an unknown option."""
+    out = []
+    for token in argv:
+        if (out and out[-1].startswith("--") and "=" not in out[-1]
+                and re.match(r"-(\d|\.\d)", token)):
+            out[-1] = f"{out[-1]}={token}"
+        else:
+            out.append(token)
+    return out
+
+
 def main(argv=None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_attach_negative_values(sys.argv[1:] if argv is None else list(argv)))
     enable_compilation_cache()
     if hasattr(args, "max_steps"):
         args.max_steps_given = args.max_steps is not None

@@ -64,6 +64,23 @@ def test_run_scale_shape(files, net, extra, tmp_path):
     assert r["loss"] <= 1e-20
 
 
+def test_negative_values_are_values_not_options():
+    # argparse reads "-0.5" after an option as its value but "-0.5,0,0.5" as an unknown option:
+    # a sweep over negative shapes was refused ("expected one argument").
+    from ibflow._cli import _attach_negative_values, build_parser
+
+    parse = lambda argv: build_parser().parse_args(_attach_negative_values(argv))
+    sweep = ["sweep", "--data", "d.npz", "--net", "diagonal", "--alpha", "0.1:1:3", "--out", "o"]
+    assert parse(sweep + ["--shape", "-0.5,0,0.5"]).shape == "-0.5,0,0.5"
+    assert parse(sweep + ["--shape=-0.9,-.2"]).shape == "-0.9,-.2"
+    assert parse(sweep + ["--shape", "-.5,.5", "--certify"]).certify
+    run = ["run", "--data", "d.npz", "--net", "diagonal", "--alpha", "0.1", "--out", "r.json"]
+    assert parse(run + ["--shape", "-0.3"]).shape == -0.3
+    assert parse(run + ["--shape", "-1e-3"]).shape == -1e-3
+    with pytest.raises(SystemExit):  # an option name is still an option name
+        parse(run + ["--shape", "--depth", "3"])
+
+
 @pytest.mark.parametrize("net, file", [("diagonal", "diagonal"), ("diagonal-tied", "diagonal-tied"), ("fc", "fc"),
                                        ("fc", "fc3"), ("leaky-relu", "leaky-relu"), ("conv", "conv"), ("linear", "linear")])
 def test_run_init_file(files, net, file, tmp_path):
