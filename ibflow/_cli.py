@@ -103,7 +103,7 @@ def build_parser():
     sw = sub.add_parser("sweep", help="certified alpha x shape grid, resumable, with a figure")
     sw.add_argument("--data", required=True)
     _add_net_options(sw)
-    sw.add_argument("--alpha", required=True, help="LO:HI:COUNT, log-spaced")
+    sw.add_argument("--alpha", required=True, help="LO:HI:COUNT, log-spaced (or A1,A2,...)")
     sw.add_argument("--shape", default="0", help="comma-separated shapes S1,S2,...")
     sw.add_argument("--seed", default="0", help="comma-separated seeds")
     sw.add_argument("--certify", action="store_true")
@@ -505,14 +505,24 @@ def _run_margin(args, data, net0) -> int:
 
 
 def _parse_alpha(text):
+    """`LO:HI:COUNT` (COUNT values log-spaced from LO to HI, the documented form), or an explicit
+    comma-separated list `A1,A2,...` (a single `A` included)."""
+    if ":" in text:
+        try:
+            lo, hi, n = text.split(":")
+            lo, hi, n = float(lo), float(hi), int(n)
+        except ValueError:
+            raise InputError(f"--alpha must be LO:HI:COUNT (log-spaced) or A1,A2,..., got {text!r}") from None
+        if not (np.isfinite(lo) and np.isfinite(hi) and lo > 0 and hi > 0 and n >= 1):
+            raise InputError(f"--alpha needs 0 < LO, HI finite and COUNT >= 1, got {text!r}")
+        return np.logspace(np.log10(lo), np.log10(hi), n)
     try:
-        lo, hi, n = text.split(":")
-        lo, hi, n = float(lo), float(hi), int(n)
+        values = np.asarray([float(v) for v in text.split(",") if v.strip()])
     except ValueError:
-        raise InputError(f"--alpha must be LO:HI:COUNT (log-spaced), got {text!r}") from None
-    if not (np.isfinite(lo) and np.isfinite(hi) and lo > 0 and hi > 0 and n >= 1):
-        raise InputError(f"--alpha needs 0 < LO, HI finite and COUNT >= 1, got {text!r}")
-    return np.logspace(np.log10(lo), np.log10(hi), n)
+        raise InputError(f"--alpha must be LO:HI:COUNT (log-spaced) or A1,A2,..., got {text!r}") from None
+    if values.size == 0 or not np.all(np.isfinite(values) & (values > 0)):
+        raise InputError(f"--alpha values must be finite and > 0, got {text!r}")
+    return values
 
 
 def _parse_list(text, name, conv=float):

@@ -119,7 +119,8 @@ def test_different_sweep_in_same_dir_is_refused(data, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("bad, needle", [(["--alpha", "1:2"], "LO:HI:COUNT"), (["--shape", "0,1.5"], "|s| < 1"),
-                                         (["--alpha", "0:1:3"], "0 < LO")])
+                                         (["--alpha", "0:1:3"], "0 < LO"), (["--alpha", "0.1,-1"], "> 0"),
+                                         (["--alpha", "0.1,nan"], "> 0"), (["--alpha", "a,b"], "A1,A2")])
 def test_sweep_bad_input(data, tmp_path, capsys, bad, needle):
     p, _ = data
     args = _sweep_cmd(p, tmp_path / "b")[3:]
@@ -127,6 +128,14 @@ def test_sweep_bad_input(data, tmp_path, capsys, bad, needle):
     args[i + 1] = bad[1]
     assert main(args) == 2
     assert needle in capsys.readouterr().err
+
+
+def test_sweep_alpha_forms():
+    from ibflow._cli import _parse_alpha
+
+    np.testing.assert_allclose(_parse_alpha("1e-3:1e-1:3"), [1e-3, 1e-2, 1e-1], rtol=1e-14)
+    np.testing.assert_array_equal(_parse_alpha("0.3"), [0.3])
+    np.testing.assert_array_equal(_parse_alpha("0.5,0.01, 2"), [0.5, 0.01, 2.0])
 
 
 @pytest.mark.parametrize("kwargs, needle", [
