@@ -506,7 +506,7 @@ def _run_margin(args, data, net0) -> int:
 
 def _parse_alpha(text):
     """`LO:HI:COUNT` (COUNT values log-spaced from LO to HI, the documented form), or an explicit
-    comma-separated list `A1,A2,...` (a single `A` included)."""
+    comma-separated list `A1,A2,...` (a single `A` included; sorted, repeats dropped)."""
     if ":" in text:
         try:
             lo, hi, n = text.split(":")
@@ -522,7 +522,7 @@ def _parse_alpha(text):
         raise InputError(f"--alpha must be LO:HI:COUNT (log-spaced) or A1,A2,..., got {text!r}") from None
     if values.size == 0 or not np.all(np.isfinite(values) & (values > 0)):
         raise InputError(f"--alpha values must be finite and > 0, got {text!r}")
-    return values
+    return np.unique(values)  # a grid axis: sorted, each value once
 
 
 def _parse_list(text, name, conv=float):

@@ -135,7 +135,7 @@ def test_sweep_alpha_forms():
 
     np.testing.assert_allclose(_parse_alpha("1e-3:1e-1:3"), [1e-3, 1e-2, 1e-1], rtol=1e-14)
     np.testing.assert_array_equal(_parse_alpha("0.3"), [0.3])
-    np.testing.assert_array_equal(_parse_alpha("0.5,0.01, 2"), [0.5, 0.01, 2.0])
+    np.testing.assert_array_equal(_parse_alpha("0.5,0.01, 2,0.5"), [0.01, 0.5, 2.0])
 
 
 @pytest.mark.parametrize("kwargs, needle", [
