@@ -52,7 +52,8 @@ def plot_sweep(ds, path):
 
 
 def sweep_figure(ds):
-    """The default sweep figure: population (or test, or train) error vs α, one line per shape;
+    """The default sweep figure: population (or test) error vs α, one line per shape, or without
+    test data the ℓ1 norm of the limit;
     points whose certificate failed are circled in red. Returns the matplotlib figure.
 
     It is drawn at the end of every `ibflow sweep` and `ibflow demo`, after the last chunk, so
@@ -60,10 +61,18 @@ def sweep_figure(ds):
     from matplotlib.ticker import FuncFormatter
 
     plt = _plt()
-    var = next(v for v in ("population_error", "test_error", "train_loss") if v in ds)
+    var = next((v for v in ("population_error", "test_error") if v in ds), None)
+    if var is not None:
+        values, ylabel = ds[var], var.replace("_", " ")
+    elif "predictor" in ds:
+        # Without test data: the limit's ℓ1 norm, whose rise with α is the rich → kernel
+        # transition (Woodworth et al. 2020). The train loss at the limit is only the stopping level.
+        values, ylabel = abs(ds["predictor"]).sum("dim"), "ℓ1 norm of the limit ‖w̃∞‖₁"
+    else:
+        values, ylabel = ds["train_loss"], "train loss"
     fig, ax = plt.subplots(figsize=(5.5, 4))
     for j, s in enumerate(ds["shape"].values):
-        vals = ds[var].isel(shape=j, seed=0).values
+        vals = values.isel(shape=j, seed=0).values
         ax.plot(ds["alpha"].values, vals, "o-", ms=3, label=f"s = {s:g}")
         if "passed" in ds:
             bad = ~ds["passed"].isel(shape=j, seed=0).values.astype(bool)
@@ -72,7 +81,7 @@ def sweep_figure(ds):
     ax.set_xscale("log")
     ax.xaxis.set_major_formatter(FuncFormatter(decade_label))
     ax.set_xlabel("initialisation scale α")
-    ax.set_ylabel(var.replace("_", " "))
+    ax.set_ylabel(ylabel)
     ax.set_title(f"gradient-flow limit, {ds.attrs.get('net', '')} net")
     ax.legend(fontsize=8)
     return fig

@@ -42,3 +42,19 @@ def test_sweep_figure_colours_and_labels(tmp_path):
     matplotlib.pyplot.close(fig)
     path = plot_sweep(_sweep_dataset(passed), str(tmp_path / "s.png"))
     assert (tmp_path / "s.png").stat().st_size > 0 and path.endswith("s.png")
+
+
+def test_sweep_figure_without_test_data_shows_the_limits_l1_norm():
+    rng = np.random.default_rng(0)
+    alphas, shapes = np.logspace(-3, 0, 4), np.array([0.0, 0.5])
+    pred = rng.standard_normal((alphas.size, shapes.size, 1, 7))
+    ds = xr.Dataset(dict(predictor=(("alpha", "shape", "seed", "dim"), pred),
+                         train_loss=(("alpha", "shape", "seed"), np.full((4, 2, 1), 1e-30))),
+                    coords=dict(alpha=alphas, shape=shapes, seed=[0]), attrs=dict(net="diagonal"))
+    fig = sweep_figure(ds)
+    ax = fig.axes[0]
+    assert "ℓ1" in ax.get_ylabel()
+    lines = [line for line in ax.get_lines() if line.get_label().startswith("s = ")]
+    for j, line in enumerate(lines):
+        np.testing.assert_allclose(line.get_ydata(), np.abs(pred[:, j, 0]).sum(-1), rtol=1e-14)
+    matplotlib.pyplot.close(fig)
