@@ -476,6 +476,9 @@ def _run_margin(args, data, net0) -> int:
         num_rejected_steps=int(sol.num_rejected_steps),
         invariant_drift=float(sol.invariant_drift),
         status=sol.status,
+        # Which rule ended a converged flow: the loss level, or `--until-time` reached first.
+        stopped_at=(None if sol.status != "converged"
+                    else "loss" if log_loss <= log_stop + 1e-9 * abs(log_stop) else "time"),
         wall_seconds=wall,
     )
     _add_init_fields(out, args)

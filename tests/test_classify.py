@@ -273,7 +273,7 @@ def test_cli_classification(tmp_path):
     rc = main(["run", "--data", str(tmp_path / "c.npz"), "--net", "fc", "--alpha", "0.5", "--loss", "exp",
                "--until-loss", "1e-400", "--certify", "--out", str(out)])
     r = json.loads(out.read_text())
-    assert rc == 0 and r["status"] == "converged"
+    assert rc == 0 and r["status"] == "converged" and r["stopped_at"] == "loss"
     assert r["log10_loss"] <= -400 and r["loss"] == 0.0 and r["margin"] > 0
     assert r["certificate"]["potential"] == "l2-margin" and r["certificate"]["passed"]
     assert [rec["alignment"] for rec in r["record"]][-1] < r["record"][0]["alignment"]
@@ -289,6 +289,12 @@ def test_cli_classification(tmp_path):
     rc = main(["run", "--data", str(tmp_path / "c.npz"), "--net", "linear", "--alpha", "1", "--loss", "exp",
                "--until-loss", "2", "--out", str(out)])
     assert rc == 2
+    # A time horizon reached before the loss level: converged, and R.json says which rule ended it.
+    rc = main(["run", "--data", str(tmp_path / "c.npz"), "--net", "linear", "--alpha", "1", "--loss", "exp",
+               "--until-loss", "1e-50", "--until-time", "3", "--out", str(out)])
+    r = json.loads(out.read_text())
+    assert rc == 0 and r["stopped_at"] == "time" and r["log10_loss"] > -50
+    assert abs(r["t_end"] - 3.0) <= 1e-9
     rc = main(["run", "--data", str(tmp_path / "c.npz"), "--net", "linear", "--alpha", "1", "--loss", "exp",
                "--certify", "--potential", "ntk", "--out", str(out)])
     assert rc == 2
