@@ -46,6 +46,7 @@ def test_readme_python_examples_run(index):
         namespace.update(X=X, y=np.sign(X @ rng.standard_normal(6)))
         code = code.replace("X, y = ...", "pass")
     if "num_samples=100, dim=1000" in code:
-        code = code.replace("num_samples=100, dim=1000", "num_samples=12, dim=40").replace("dim=1000", "dim=40")
+        code = code.replace("num_samples=100, dim=1000", "num_samples=12, dim=40")
+        code = code.replace("dim=1000", "dim=40")
         assert "1000" not in code
     exec(compile(code, f"README block {index}", "exec"), namespace)
