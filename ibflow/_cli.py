@@ -457,6 +457,9 @@ def _run_margin(args, data, net0) -> int:
     w = np.asarray(sol.predictor)
     log_loss = float(sol.log_loss)
     rec = sol.record
+    # Which rule ended a converged flow: the one it is nearer (as `_classify._stop_gaps`), the loss
+    # level or `--until-time` reached first.
+    loss_gap, time_gap = log_loss - log_stop, np.log1p(until_time) - float(sol.log1p_t)
     out = dict(
         net=args.net,
         loss_name=args.loss,
@@ -476,9 +479,7 @@ def _run_margin(args, data, net0) -> int:
         num_rejected_steps=int(sol.num_rejected_steps),
         invariant_drift=float(sol.invariant_drift),
         status=sol.status,
-        # Which rule ended a converged flow: the loss level, or `--until-time` reached first.
-        stopped_at=(None if sol.status != "converged"
-                    else "loss" if log_loss <= log_stop + 1e-9 * abs(log_stop) else "time"),
+        stopped_at=None if sol.status != "converged" else "loss" if loss_gap <= time_gap else "time",
         wall_seconds=wall,
     )
     _add_init_fields(out, args)
@@ -520,12 +521,12 @@ def _parse_alpha(text):
             raise InputError(f"--alpha needs 0 < LO, HI finite and COUNT >= 1, got {text!r}")
         return np.logspace(np.log10(lo), np.log10(hi), n)
     try:
-        values = np.asarray([float(v) for v in text.split(",") if v.strip()])
+        values = [float(v) for v in text.split(",") if v.strip()]
     except ValueError:
         raise InputError(f"--alpha must be LO:HI:COUNT (log-spaced) or A1,A2,..., got {text!r}") from None
-    if values.size == 0 or not np.all(np.isfinite(values) & (values > 0)):
-        raise InputError(f"--alpha values must be finite and > 0, got {text!r}")
-    return np.unique(values)  # a grid axis: sorted, each value once
+    # A grid axis: sorted, each value once. `sweep` refuses an empty list and values that are not
+    # finite and > 0.
+    return np.unique(values)
 
 
 def _parse_list(text, name, conv=float):
